@@ -1,0 +1,170 @@
+//! ANN benchmark over TEXMEX fvecs/ivecs files. Other tools parse its output:
+//! keep the interface exactly as it is.
+//!
+//! ```text
+//! cargo run --release --example ann_bench -- --base B.fvecs --query Q.fvecs --gt G.ivecs \
+//!     --metric l2|ip|cos --k 10 --m 16 --ef-construction 200 \
+//!     --ef 10,16,24,32,48,64,96,128 --threads 1 [--json]
+//! ```
+//!
+//! `--threads` sets the build threads; search is single-threaded, one query at
+//! a time. Each ef runs a warm-up pass, then repeats the query set until at
+//! least `--min-seconds` (default 1) have elapsed; QPS counts every query of
+//! the timed passes, p50/p99 are per-query latencies.
+//!
+//! With `--json`: one object per line, first `{"build_s":..,"threads":..}`,
+//! then per ef `{"ef":..,"recall":..,"qps":..,"p50_us":..,"p99_us":..}`.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use nann::{Index, IndexParams, Metric};
+
+struct Args {
+    base: PathBuf,
+    query: PathBuf,
+    gt: PathBuf,
+    metric: Metric,
+    k: usize,
+    m: usize,
+    ef_construction: usize,
+    efs: Vec<usize>,
+    threads: usize,
+    json: bool,
+    min_seconds: f64,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut raw = std::env::args().skip(1);
+    let (mut base, mut query, mut gt) = (None, None, None);
+    let mut args = Args {
+        base: PathBuf::new(),
+        query: PathBuf::new(),
+        gt: PathBuf::new(),
+        metric: Metric::L2,
+        k: 10,
+        m: 16,
+        ef_construction: 200,
+        efs: vec![10, 16, 24, 32, 48, 64, 96, 128],
+        threads: 1,
+        json: false,
+        min_seconds: 1.0,
+    };
+    while let Some(flag) = raw.next() {
+        if flag == "--json" {
+            args.json = true;
+            continue;
+        }
+        let value = raw.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let number = |v: &str| v.parse::<usize>().map_err(|_| format!("{flag}: '{v}' is not a number"));
+        match flag.as_str() {
+            "--base" => base = Some(PathBuf::from(value)),
+            "--query" => query = Some(PathBuf::from(value)),
+            "--gt" => gt = Some(PathBuf::from(value)),
+            "--metric" => args.metric = Metric::parse(&value).ok_or(format!("--metric: unknown '{value}' (l2|ip|cos)"))?,
+            "--k" => args.k = number(&value)?,
+            "--m" => args.m = number(&value)?,
+            "--ef-construction" => args.ef_construction = number(&value)?,
+            "--ef" => args.efs = value.split(',').map(number).collect::<Result<_, _>>()?,
+            "--threads" => args.threads = number(&value)?,
+            "--min-seconds" => args.min_seconds = value.parse().map_err(|_| "--min-seconds: not a number".to_string())?,
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    args.base = base.ok_or("--base is required")?;
+    args.query = query.ok_or("--query is required")?;
+    args.gt = gt.ok_or("--gt is required")?;
+    Ok(args)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let base = support::read_fvecs(&args.base).map_err(|e| e.to_string())?;
+    let queries = support::read_fvecs(&args.query).map_err(|e| e.to_string())?;
+    let (gt_k, gt) = support::read_ivecs(&args.gt).map_err(|e| e.to_string())?;
+    if queries.dim != base.dim {
+        return Err(format!("query dim {} != base dim {}", queries.dim, base.dim));
+    }
+    if gt_k < args.k || gt.len() / gt_k.max(1) < queries.len() {
+        return Err(format!("ground truth has {gt_k} ids per query for k = {}", args.k));
+    }
+    let params = IndexParams::new(base.dim, args.metric)
+        .m(args.m)
+        .ef_construction(args.ef_construction)
+        .capacity(base.len());
+    let index = Index::new(params).map_err(|e| e.to_string())?;
+    let keys: Vec<u64> = (0..base.len() as u64).collect();
+    let rows = base.rows();
+    let start = Instant::now();
+    index.insert_many(&keys, &rows, args.threads, |_| {}).map_err(|e| e.to_string())?;
+    let build_s = start.elapsed().as_secs_f64();
+
+    if args.json {
+        println!("{{\"build_s\":{build_s:.4},\"threads\":{}}}", args.threads);
+    } else {
+        println!(
+            "nann {} | n={} dim={} metric={:?} M={} efC={} | build {build_s:.3} s on {} thread(s) | kernel {:?}",
+            env!("CARGO_PKG_VERSION"),
+            base.len(),
+            base.dim,
+            args.metric,
+            args.m,
+            args.ef_construction,
+            args.threads,
+            index.distance().isa()
+        );
+        println!("{:>6} {:>8} {:>12} {:>10} {:>10}", "ef", "recall", "qps", "p50_us", "p99_us");
+    }
+
+    let query_rows = queries.rows();
+    for &ef in &args.efs {
+        let mut found = Vec::with_capacity(query_rows.len());
+        for q in &query_rows {
+            let hits = index.search(q, args.k, ef).map_err(|e| e.to_string())?;
+            found.push(hits.iter().map(|h| h.key).collect::<Vec<_>>());
+        }
+        let recall = support::recall(&found, &gt, gt_k, args.k);
+        let mut latencies = Vec::new();
+        let timed = Instant::now();
+        let mut queries_run = 0usize;
+        while queries_run == 0 || timed.elapsed().as_secs_f64() < args.min_seconds {
+            for q in &query_rows {
+                let t = Instant::now();
+                let hits = index.search(q, args.k, ef).map_err(|e| e.to_string())?;
+                latencies.push(t.elapsed().as_secs_f64() * 1e6);
+                std::hint::black_box(hits);
+            }
+            queries_run += query_rows.len();
+        }
+        let qps = queries_run as f64 / timed.elapsed().as_secs_f64();
+        latencies.sort_by(f64::total_cmp);
+        let (p50, p99) = (percentile(&latencies, 50.0), percentile(&latencies, 99.0));
+        if args.json {
+            println!("{{\"ef\":{ef},\"recall\":{recall:.4},\"qps\":{qps:.1},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2}}}");
+        } else {
+            println!("{ef:>6} {recall:>8.4} {qps:>12.1} {p50:>10.2} {p99:>10.2}");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match parse().and_then(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ann_bench: {message}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! The graph: per-slot records, neighbour lists, vectors and the entry point.
+//!
+//! # Layout
+//!
+//! ```text
+//!  level0 (Chunked<AtomicU32>, one record per slot, stride 2 + M0 words)
+//!  ┌──────────┬────────┬───────────────────────────────┐
+//!  │ lock u32 │ degree │ neighbour ids (M0 slots)       │   slot 0
+//!  ├──────────┼────────┼───────────────────────────────┤
+//!  │ lock u32 │ degree │ ...                            │   slot 1
+//!  └──────────┴────────┴───────────────────────────────┘
+//!
+//!  cells (Chunked<AtomicU32>, 4 B per slot)   upper (Chunked<AtomicPtr>, 8 B per slot)
+//!  ┌──────────────────────────┐              ┌──────────────┐
+//!  │ T │ cell id (31 bits)     │ ──┐          │ null (lvl 0) │   levels >= 1 point to
+//!  └──────────────────────────┘   │          │ ptr ─────────┼─► [deg][M ids] per layer
+//!     T = tombstone               │          └──────────────┘
+//!                                 ▼
+//!  VectorArena: cells of dim f32 + key, immutable once published (storage.rs)
+//! ```
+//!
+//! hnswlib's idea kept: one flat, fixed-stride level-0 block, so expanding a
+//! node touches one record, and the lock sits in the same cache line as the
+//! degree. Vectors are a separate arena reached through the small, dense
+//! `cells` array (400 KB per 100k entries, L2-resident on the benchmark
+//! machine), because in-place updates must swap a vector atomically.
+//!
+//! # Concurrency scheme
+//!
+//! * **Neighbour lists** are arrays of `AtomicU32` guarded by the entry's
+//!   [`EntryLock`]. Writers hold it exclusively; searches copy a list
+//!   optimistically and retry if the version moved (`read_links`). Searches
+//!   write no shared memory.
+//! * **Vectors** are immutable cells; an update publishes a new cell id in
+//!   `cells` (under the entry lock, `Release`) and retires the old cell through
+//!   crossbeam-epoch. Searches pin once per query and read cells with plain SIMD
+//!   loads.
+//! * **Tombstones** are bit 31 of the cell word, so the one `Acquire` load a
+//!   search makes per node yields both the vector and its liveness.
+//! * **Entry point and max level** are one `AtomicU64` (`level << 32 | slot`),
+//!   read with `Acquire`, written with `Release` under the index's promotion
+//!   mutex: a reader can never pair a new entry point with an old level.
+//! * **Publication order** (usearch #735): a new node's lists are written
+//!   (forward links) before any other node links to it (reverse links), and
+//!   its cell is published before either; see `insert.rs`.
+
+use crossbeam_epoch::Guard;
+
+use crate::error::{Error, Result};
+use crate::lock::{EntryLock, EntryWriteGuard, ReadVersion};
+use crate::storage::{CellId, Chunked, VectorArena};
+use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
+
+/// Bit 31 of a cell word: the entry was removed (kept for navigation).
+pub(crate) const TOMBSTONE: u32 = 1 << 31;
+/// Cell word of a slot that has never been published.
+pub(crate) const NO_CELL: u32 = u32::MAX;
+/// Entry word of an empty graph.
+const NO_ENTRY: u64 = u64::MAX;
+/// Highest level a node can get (levels are drawn with mean 1/ln M, so level
+/// 16 is reached with probability ~M^-16: never, in practice).
+pub(crate) const MAX_LEVEL: usize = 16;
+
+/// The upper-layer lists of one node (levels 1..=level).
+struct UpperLinks {
+    level: usize,
+    /// Per layer `1 + M` words: degree, then ids.
+    words: Box<[AtomicU32]>,
+}
+
+/// Exclusive hold on one node, proof that its lists may be written.
+#[must_use]
+#[derive(Debug)]
+pub(crate) struct NodeGuard<'a> {
+    slot: u32,
+    _lock: EntryWriteGuard<'a>,
+}
+
+/// A consistent copy of a cell word plus the vector it names.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct VectorRef<'g> {
+    pub(crate) cell: CellId,
+    pub(crate) tombstoned: bool,
+    pub(crate) vector: &'g [f32],
+}
+
+pub(crate) struct Graph {
+    m: usize,
+    m0: usize,
+    level0: Chunked<AtomicU32>,
+    upper: Chunked<AtomicPtr<UpperLinks>>,
+    cells: Chunked<AtomicU32>,
+    entry: AtomicU64,
+    pub(crate) vectors: VectorArena,
+}
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Graph")
+            .field("m", &self.m)
+            .field("m0", &self.m0)
+            .field("slots", &self.slot_capacity())
+            .field("entry", &self.entry())
+            .finish()
+    }
+}
+
+impl Graph {
+    pub(crate) fn new(dim: usize, m: usize, capacity: usize) -> Result<Self> {
+        let m0 = 2 * m;
+        Ok(Self {
+            m,
+            m0,
+            level0: Chunked::new(capacity, 2 + m0, || AtomicU32::new(0))?,
+            upper: Chunked::new(capacity, 1, || AtomicPtr::new(std::ptr::null_mut()))?,
+            cells: Chunked::new(capacity, 1, || AtomicU32::new(NO_CELL))?,
+            entry: AtomicU64::new(NO_ENTRY),
+            vectors: VectorArena::new(dim, capacity)?,
+        })
+    }
+
+    /// Maximum degree on `layer`.
+    #[inline]
+    pub(crate) fn max_degree(&self, layer: usize) -> usize {
+        if layer == 0 {
+            self.m0
+        } else {
+            self.m
+        }
+    }
+
+    /// Slots addressable without growing.
+    pub(crate) fn slot_capacity(&self) -> usize {
+        self.level0
+            .capacity()
+            .min(self.upper.capacity())
+            .min(self.cells.capacity())
+    }
+
+    /// Grows every per-slot array to hold `slots` slots; never moves memory.
+    pub(crate) fn reserve_slots(&self, slots: usize) -> Result<()> {
+        if slots > TOMBSTONE as usize {
+            return Err(Error::CapacityExceeded {
+                limit: TOMBSTONE as usize,
+            });
+        }
+        self.level0.reserve(slots)?;
+        self.upper.reserve(slots)?;
+        self.cells.reserve(slots)
+    }
+
+    #[inline]
+    pub(crate) fn lock(&self, slot: u32) -> Option<&EntryLock> {
+        self.level0
+            .get(slot as usize)
+            .map(|record| EntryLock::from_word(&record[0]))
+    }
+
+    /// Locks `slot` exclusively.
+    pub(crate) fn lock_node(&self, slot: u32) -> Option<NodeGuard<'_>> {
+        let lock = self.lock(slot)?;
+        Some(NodeGuard {
+            slot,
+            _lock: lock.write(),
+        })
+    }
+
+    /// The node's level (0 for nodes without upper layers).
+    pub(crate) fn level(&self, slot: u32) -> usize {
+        self.upper_links(slot).map_or(0, |u| u.level)
+    }
+
+    fn upper_links(&self, slot: u32) -> Option<&UpperLinks> {
+        // Acquire: pairs with the Release in `init_node`, so the block's
+        // contents are visible.
+        let ptr = self.upper.get(slot as usize)?[0].load(Ordering::Acquire);
+        // SAFETY: a non-null pointer was produced by `Box::into_raw` in
+        // `init_node`, is never replaced or freed while the graph lives (slot
+        // reuse keeps the level), and is freed only in `Drop`, which needs
+        // `&mut self`.
+        unsafe { ptr.as_ref() }
+    }
+
+    /// The degree word and id array of `slot`'s list on `layer`.
+    #[inline]
+    fn list(&self, slot: u32, layer: usize) -> Option<(&AtomicU32, &[AtomicU32])> {
+        if layer == 0 {
+            let record = self.level0.get(slot as usize)?;
+            Some((&record[1], &record[2..]))
+        } else {
+            let upper = self.upper_links(slot)?;
+            if layer > upper.level {
+                return None;
+            }
+            let start = (layer - 1) * (1 + self.m);
+            let block = upper.words.get(start..start + 1 + self.m)?;
+            Some((&block[0], &block[1..]))
+        }
+    }
+
+    /// Copies the raw list without any version check.
+    fn copy_list(&self, degree: &AtomicU32, ids: &[AtomicU32], out: &mut Vec<u32>) {
+        out.clear();
+        // Relaxed: validated (or lock-protected) by the caller; a torn value is
+        // at worst a stale id or a bounded degree, never out of bounds.
+        let n = (degree.load(Ordering::Relaxed) as usize).min(ids.len());
+        out.extend(ids[..n].iter().map(|id| id.load(Ordering::Relaxed)));
+    }
+
+    /// A consistent snapshot of `slot`'s neighbours on `layer`, taken
+    /// optimistically (no shared write). Returns `false` if the node has no
+    /// list on that layer.
+    #[inline]
+    pub(crate) fn read_links(&self, slot: u32, layer: usize, out: &mut Vec<u32>) -> bool {
+        let (Some(lock), Some((degree, ids))) = (self.lock(slot), self.list(slot, layer)) else {
+            out.clear();
+            return false;
+        };
+        loop {
+            let version: ReadVersion = lock.read_begin();
+            self.copy_list(degree, ids, out);
+            if lock.read_validate(version) {
+                return true;
+            }
+        }
+    }
+
+    /// `slot`'s neighbours on `layer`, read under the caller's exclusive hold.
+    pub(crate) fn read_links_locked(&self, guard: &NodeGuard<'_>, layer: usize, out: &mut Vec<u32>) {
+        match self.list(guard.slot, layer) {
+            Some((degree, ids)) => self.copy_list(degree, ids, out),
+            None => out.clear(),
+        }
+    }
+
+    /// Replaces `guard`'s node's list on `layer` (at most the layer's degree).
+    pub(crate) fn write_links(&self, guard: &NodeGuard<'_>, layer: usize, new_ids: &[u32]) {
+        let Some((degree, ids)) = self.list(guard.slot, layer) else {
+            return;
+        };
+        let n = new_ids.len().min(ids.len());
+        // Relaxed stores: the exclusive hold's Release fence and Release unlock
+        // order them for optimistic and locking readers (lock.rs).
+        for (dst, &id) in ids.iter().zip(&new_ids[..n]) {
+            dst.store(id, Ordering::Relaxed);
+        }
+        degree.store(n as u32, Ordering::Relaxed);
+    }
+
+    /// The raw cell word of `slot` (cell id, tombstone bit, or `NO_CELL`).
+    #[inline]
+    pub(crate) fn cell_word(&self, slot: u32) -> u32 {
+        // Acquire: pairs with the Release in `publish_cell`/`set_tombstone`, so
+        // the cell's contents and key are visible.
+        self.cells
+            .get(slot as usize)
+            .map_or(NO_CELL, |c| c[0].load(Ordering::Acquire))
+    }
+
+    /// The vector of `slot`, if it has one. The borrow is tied to `guard`,
+    /// under which the cell word was loaded (see `VectorArena::read`).
+    #[inline]
+    pub(crate) fn vector<'g>(&'g self, slot: u32, guard: &'g Guard) -> Option<VectorRef<'g>> {
+        let word = self.cell_word(slot);
+        if word == NO_CELL {
+            return None;
+        }
+        let cell = word & !TOMBSTONE;
+        Some(VectorRef {
+            cell,
+            tombstoned: word & TOMBSTONE != 0,
+            vector: self.vectors.read(cell, guard)?,
+        })
+    }
+
+    /// Prefetches the vector of `slot` (for the search loop).
+    #[inline]
+    pub(crate) fn prefetch_vector(&self, slot: u32) {
+        let word = self.cell_word(slot);
+        if word != NO_CELL {
+            self.vectors.prefetch(word & !TOMBSTONE);
+        }
+    }
+
+    /// Publishes `cell` as `slot`'s vector (clearing any tombstone) and
+    /// returns the previous cell word.
+    pub(crate) fn publish_cell(&self, guard: &NodeGuard<'_>, cell: CellId) -> u32 {
+        match self.cells.get(guard.slot as usize) {
+            // AcqRel: Release publishes the cell contents written before; the
+            // Acquire half orders our later retirement of the old cell after
+            // every earlier publication of it.
+            Some(word) => word[0].swap(cell, Ordering::AcqRel),
+            None => NO_CELL,
+        }
+    }
+
+    /// Marks `slot` removed; its vector and links stay for navigation.
+    pub(crate) fn set_tombstone(&self, guard: &NodeGuard<'_>) {
+        if let Some(word) = self.cells.get(guard.slot as usize) {
+            // Release: a search that sees the bit also sees everything the
+            // remover did before (pairs with `cell_word`'s Acquire).
+            word[0].fetch_or(TOMBSTONE, Ordering::Release);
+        }
+    }
+
+    /// Prepares a never-used slot: allocates its upper layers and empties its
+    /// lists. Must run before the slot is published anywhere.
+    pub(crate) fn init_node(&self, guard: &NodeGuard<'_>, level: usize) -> Result<()> {
+        let level = level.min(MAX_LEVEL);
+        let upper_slot = self
+            .upper
+            .get(guard.slot as usize)
+            .ok_or(Error::CapacityExceeded {
+                limit: self.slot_capacity(),
+            })?;
+        if level > 0 && upper_slot[0].load(Ordering::Acquire).is_null() {
+            let words = (0..level * (1 + self.m)).map(|_| AtomicU32::new(0)).collect();
+            let block = Box::into_raw(Box::new(UpperLinks { level, words }));
+            // Release: publish the initialised block to `upper_links`' Acquire.
+            upper_slot[0].store(block, Ordering::Release);
+        }
+        self.write_links(guard, 0, &[]);
+        Ok(())
+    }
+
+    /// The entry point and max level, read as one consistent pair.
+    #[inline]
+    pub(crate) fn entry(&self) -> Option<(u32, usize)> {
+        // Acquire: pairs with the Release in `set_entry`, so the entry node's
+        // lists on every layer up to its level are visible.
+        let word = self.entry.load(Ordering::Acquire);
+        (word != NO_ENTRY).then_some((word as u32, (word >> 32) as usize))
+    }
+
+    /// Sets the entry point and max level together. Callers serialise through
+    /// the index's promotion mutex.
+    pub(crate) fn set_entry(&self, slot: u32, level: usize) {
+        // Release: see `entry`.
+        self.entry
+            .store(((level as u64) << 32) | slot as u64, Ordering::Release);
+    }
+
+    /// Bytes held by lists (level 0 and upper layers).
+    pub(crate) fn link_bytes(&self, slots: usize) -> usize {
+        let upper: usize = (0..slots as u32)
+            .filter_map(|s| self.upper_links(s))
+            .map(|u| std::mem::size_of::<UpperLinks>() + u.words.len() * 4)
+            .sum();
+        self.level0.allocated_bytes() + upper
+    }
+
+    /// Bytes of the per-slot `cells` and `upper` arrays.
+    pub(crate) fn slot_array_bytes(&self) -> usize {
+        self.cells.allocated_bytes() + self.upper.allocated_bytes()
+    }
+
+    /// The raw degree word and the ids it covers (clamped to the list's room),
+    /// for the invariant checker, which must see an out-of-range degree.
+    pub(crate) fn raw_list(&self, slot: u32, layer: usize) -> Option<(usize, Vec<u32>)> {
+        let lock = self.lock(slot)?;
+        let (degree, ids) = self.list(slot, layer)?;
+        let _shared = lock.read();
+        // Relaxed: the shared hold orders these reads after the last writer.
+        let raw = degree.load(Ordering::Relaxed) as usize;
+        let mut out = Vec::new();
+        self.copy_list(degree, ids, &mut out);
+        Some((raw, out))
+    }
+
+    /// Test hook: overwrite a degree word without any check.
+    #[cfg(test)]
+    pub(crate) fn corrupt_degree(&self, slot: u32, layer: usize, degree: u32) {
+        let (word, _) = self.list(slot, layer).unwrap();
+        word.store(degree, Ordering::Relaxed);
+    }
+
+    /// Test hook: overwrite a list without any check, to corrupt a graph.
+    #[cfg(test)]
+    pub(crate) fn corrupt_links(&self, slot: u32, layer: usize, ids: &[u32]) {
+        let guard = self.lock_node(slot).unwrap();
+        let (degree, list) = self.list(slot, layer).unwrap();
+        for (dst, &id) in list.iter().zip(ids) {
+            dst.store(id, Ordering::Relaxed);
+        }
+        degree.store(ids.len() as u32, Ordering::Relaxed);
+        drop(guard);
+    }
+
+    /// Test hook: overwrite the entry word.
+    #[cfg(test)]
+    pub(crate) fn corrupt_entry(&self, slot: u32, level: usize) {
+        self.set_entry(slot, level);
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        for slot in 0..self.upper.capacity() {
+            if let Some(cell) = self.upper.get(slot) {
+                let ptr = cell[0].swap(std::ptr::null_mut(), Ordering::Relaxed);
+                if !ptr.is_null() {
+                    // SAFETY: produced by `Box::into_raw` in `init_node` and
+                    // freed exactly once here (swapped out under `&mut self`).
+                    drop(unsafe { Box::from_raw(ptr) });
+                }
+            }
+        }
+    }
+}

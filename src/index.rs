@@ -1,0 +1,277 @@
+//! The public [`Index`] type: state, construction and the small accessors.
+//! The algorithms live beside it: `search.rs`, `insert.rs`, `update.rs`,
+//! `invariants.rs`.
+//!
+//! # Locks of the index and their order
+//!
+//! ```text
+//!  op_locks[hash(key) % 4096]   held for a whole insert/update/remove of `key`
+//!   └─ writer_gate (shared)     held by every write; check_invariants takes it
+//!       │                       exclusively to see a quiescent graph
+//!       ├─ promotion            held for a whole insert whose level exceeds the
+//!       │                       max level (hnswlib's `global`), so promotions
+//!       │                       are serial and the new top node is fully linked
+//!       └─ one EntryLock at a time (never two: no lock cycles between writers)
+//!  key map RwLock, free-slot Mutex, scratch pool Mutex: leaf locks, held briefly
+//! ```
+//!
+//! Searches take none of these (only the scratch pool's leaf mutex, twice per
+//! query). Writers on different keys share only `writer_gate` (a shared read
+//! hold) and the entry locks of the nodes whose lists they edit.
+
+use crossbeam_epoch::{self as epoch, Guard};
+
+use crate::distance::{normalize, Distance, Metric};
+use crate::error::{Error, Result};
+use crate::graph::{Graph, NO_CELL, TOMBSTONE};
+use crate::keymap::KeyMap;
+use crate::level::LevelGenerator;
+use crate::params::IndexParams;
+use crate::scratch::{PooledScratch, ScratchPool};
+use crate::sync::{AtomicUsize, Mutex, Ordering, RwLock};
+
+const OP_LOCK_STRIPES: usize = 4096;
+
+/// One search result: the entry's key and its distance to the query
+/// (smaller is closer; see [`Metric`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    /// The entry's external key.
+    pub key: u64,
+    /// Distance to the query under the index metric.
+    pub distance: f32,
+}
+
+/// Memory held by an index, by purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryUsage {
+    /// Vector cells and their keys.
+    pub vectors: usize,
+    /// Neighbour lists: the level-0 block (including each entry's lock and
+    /// degree words) and the upper layers.
+    pub links: usize,
+    /// Other per-entry state: cell word, upper-layer pointer, key map.
+    pub fixed: usize,
+    /// Entries currently live.
+    pub live: usize,
+}
+
+impl MemoryUsage {
+    /// Sum of all parts.
+    pub fn total(&self) -> usize {
+        self.vectors + self.links + self.fixed
+    }
+}
+
+/// A concurrent HNSW index over `f32` vectors.
+///
+/// Every method takes `&self`, and `Index` is `Send + Sync`: share it with an
+/// `Arc` and search from many threads while others insert, update and remove.
+///
+/// ```
+/// use nann::{Index, IndexParams, Metric};
+///
+/// let index = Index::new(IndexParams::new(2, Metric::L2))?;
+/// index.insert(1, &[0.0, 0.0])?;
+/// index.insert(2, &[1.0, 1.0])?;
+/// index.insert(3, &[5.0, 5.0])?;
+///
+/// let hits = index.search(&[0.9, 0.8], 2, 16)?;
+/// assert_eq!(hits[0].key, 2);
+/// assert_eq!(hits[1].key, 1);
+///
+/// index.update(3, &[1.0, 0.9])?;   // in place: vector and links
+/// index.remove(2)?;
+/// assert_eq!(index.search(&[0.9, 0.8], 1, 16)?[0].key, 3);
+/// # Ok::<(), nann::Error>(())
+/// ```
+pub struct Index {
+    pub(crate) params: IndexParams,
+    pub(crate) distance: Distance,
+    pub(crate) graph: Graph,
+    pub(crate) keys: KeyMap,
+    pub(crate) levels: LevelGenerator,
+    /// Slots handed out so far (high-water mark).
+    pub(crate) next_slot: AtomicUsize,
+    /// Removed slots, reused by later inserts.
+    pub(crate) free_slots: Mutex<Vec<u32>>,
+    pub(crate) live: AtomicUsize,
+    pub(crate) op_locks: Box<[Mutex<()>]>,
+    pub(crate) promotion: Mutex<()>,
+    pub(crate) writer_gate: RwLock<()>,
+    pub(crate) scratch: ScratchPool,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index")
+            .field("params", &self.params)
+            .field("isa", &self.distance.isa())
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl Index {
+    /// An empty index.
+    ///
+    /// ```
+    /// let index = nann::Index::new(nann::IndexParams::new(8, nann::Metric::Cosine))?;
+    /// assert!(index.is_empty());
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn new(params: IndexParams) -> Result<Self> {
+        params.validate()?;
+        let distance = match params.isa {
+            Some(isa) => Distance::with_isa(params.metric, isa)?,
+            None => Distance::new(params.metric),
+        };
+        Ok(Self {
+            distance,
+            graph: Graph::new(params.dim, params.m, params.capacity)?,
+            keys: KeyMap::default(),
+            levels: LevelGenerator::new(params.seed, params.m),
+            next_slot: AtomicUsize::new(0),
+            free_slots: Mutex::new(Vec::new()),
+            live: AtomicUsize::new(0),
+            op_locks: (0..OP_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            promotion: Mutex::new(()),
+            writer_gate: RwLock::new(()),
+            scratch: ScratchPool::default(),
+            params,
+        })
+    }
+
+    /// The parameters the index was built with.
+    pub fn params(&self) -> &IndexParams {
+        &self.params
+    }
+
+    /// The vector dimension.
+    pub fn dim(&self) -> usize {
+        self.params.dim
+    }
+
+    /// The metric.
+    pub fn metric(&self) -> Metric {
+        self.params.metric
+    }
+
+    /// The distance function in use (metric and SIMD level).
+    pub fn distance(&self) -> &Distance {
+        &self.distance
+    }
+
+    /// Number of live entries.
+    pub fn len(&self) -> usize {
+        // Relaxed: a statistic; exactness under concurrent writes is not promised.
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Whether the index has no live entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `key` is live.
+    ///
+    /// ```
+    /// let index = nann::Index::new(nann::IndexParams::new(1, nann::Metric::L2))?;
+    /// index.insert(9, &[1.0])?;
+    /// assert!(index.contains(9) && !index.contains(10));
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn contains(&self, key: u64) -> bool {
+        self.slot_of(key).is_some()
+    }
+
+    /// A copy of `key`'s vector (normalised, for the cosine metric).
+    ///
+    /// ```
+    /// let index = nann::Index::new(nann::IndexParams::new(2, nann::Metric::L2))?;
+    /// index.insert(9, &[1.0, 2.0])?;
+    /// assert_eq!(index.get(9)?, vec![1.0, 2.0]);
+    /// assert!(index.get(10).is_err());
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn get(&self, key: u64) -> Result<Vec<f32>> {
+        let guard = epoch::pin();
+        // A concurrent remove + reuse can give the slot to another key between
+        // the lookup and the read; the cell's own key tells, so retry.
+        for _ in 0..64 {
+            let slot = self.slot_of(key).ok_or(Error::KeyNotFound(key))?;
+            if let Some(v) = self.graph.vector(slot, &guard) {
+                if !v.tombstoned && self.graph.vectors.key(v.cell) == key {
+                    return Ok(v.vector.to_vec());
+                }
+            }
+        }
+        Err(Error::KeyNotFound(key))
+    }
+
+    /// Memory held by the index.
+    pub fn memory_usage(&self) -> MemoryUsage {
+        let slots = self.next_slot.load(Ordering::Relaxed);
+        MemoryUsage {
+            vectors: self.graph.vectors.allocated_bytes(),
+            links: self.graph.link_bytes(slots),
+            fixed: self.graph.slot_array_bytes() + self.keys.allocated_bytes(),
+            live: self.len(),
+        }
+    }
+
+    // ---- internal helpers shared by the algorithm modules ----
+
+    /// The slot of a live key.
+    pub(crate) fn slot_of(&self, key: u64) -> Option<u32> {
+        self.keys.get(key, |slot| self.key_at(slot))
+    }
+
+    /// The key stored in `slot`'s current cell.
+    pub(crate) fn key_at(&self, slot: u32) -> u64 {
+        let word = self.graph.cell_word(slot);
+        if word == NO_CELL {
+            return u64::MAX;
+        }
+        self.graph.vectors.key(word & !TOMBSTONE)
+    }
+
+    /// Checks a caller's vector and returns it ready to store or search
+    /// (normalised for the cosine metric).
+    pub(crate) fn prepare_into(&self, vector: &[f32], out: &mut Vec<f32>) -> Result<()> {
+        if vector.len() != self.params.dim {
+            return Err(Error::DimensionMismatch {
+                expected: self.params.dim,
+                actual: vector.len(),
+            });
+        }
+        if let Some((position, &value)) = vector.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Err(Error::NonFiniteValue { position, value });
+        }
+        out.clear();
+        out.extend_from_slice(vector);
+        if self.params.metric == Metric::Cosine {
+            normalize(out)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn prepare(&self, vector: &[f32]) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(vector.len());
+        self.prepare_into(vector, &mut out)?;
+        Ok(out)
+    }
+
+    pub(crate) fn op_lock(&self, key: u64) -> &Mutex<()> {
+        let stripe = crate::level::splitmix64(key) as usize % OP_LOCK_STRIPES;
+        &self.op_locks[stripe]
+    }
+
+    pub(crate) fn take_scratch(&self) -> PooledScratch<'_> {
+        self.scratch.take()
+    }
+
+    pub(crate) fn pin(&self) -> Guard {
+        epoch::pin()
+    }
+}

@@ -1,0 +1,346 @@
+//! Insertion: linking a node into the graph, and the neighbour heuristic.
+//!
+//! ```text
+//!  insert(key, v)
+//!   ├─ write v into a private cell, take a slot (a removed one if any)
+//!   ├─ publish the cell in the slot           (node still unreachable)
+//!   ├─ search each layer for candidates       (no locks)
+//!   ├─ phase 1: write ALL forward lists       (own entry lock)
+//!   ├─ phase 2: reverse links, one neighbour at a time (its entry lock)
+//!   │            └─ shrink by the heuristic if the neighbour is full
+//!   └─ promote entry point if the level is new (promotion mutex held throughout)
+//! ```
+//!
+//! Phase 1 completes before phase 2 starts: a node becomes reachable (through
+//! a reverse link) only when every one of its forward lists exists, on every
+//! layer. usearch #735 is the failure this ordering prevents: a node reachable
+//! through its layer-1 reverse links while its layer-0 list was still empty.
+//!
+//! Only one entry lock is ever held at a time, so two inserters that pick
+//! each other as neighbours cannot deadlock.
+
+use crossbeam_epoch::Guard;
+
+use crate::error::{Error, Result};
+use crate::graph::{NO_CELL, TOMBSTONE};
+use crate::index::Index;
+use crate::scratch::{Scored, Scratch};
+use crate::search::Budget;
+use crate::storage::CellId;
+use crate::sync::Ordering;
+
+/// Progress of a bulk build, passed to its callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Entries inserted so far.
+    pub done: usize,
+    /// Entries in the batch.
+    pub total: usize,
+}
+
+/// A candidate neighbour with its vector, for the heuristic.
+struct Candidate<'g> {
+    dist: f32,
+    slot: u32,
+    vector: &'g [f32],
+}
+
+impl Index {
+    /// Inserts a new entry.
+    ///
+    /// Fails with [`Error::DuplicateKey`] if `key` is present (use
+    /// [`update`](Self::update)), and with the dimension / finiteness errors
+    /// for a bad vector. Reuses a removed entry's slot when there is one.
+    ///
+    /// ```
+    /// use nann::{Error, Index, IndexParams, Metric};
+    /// let index = Index::new(IndexParams::new(2, Metric::L2))?;
+    /// index.insert(1, &[0.5, 0.5])?;
+    /// assert_eq!(index.insert(1, &[0.0, 0.0]), Err(Error::DuplicateKey(1)));
+    /// assert!(matches!(index.insert(2, &[0.0]), Err(Error::DimensionMismatch { .. })));
+    /// assert!(matches!(index.insert(3, &[f32::NAN, 0.0]), Err(Error::NonFiniteValue { .. })));
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn insert(&self, key: u64, vector: &[f32]) -> Result<()> {
+        let vector = self.prepare(vector)?;
+        let _op = self.op_lock(key).lock();
+        let _gate = self.writer_gate.read();
+        if self.slot_of(key).is_some() {
+            return Err(Error::DuplicateKey(key));
+        }
+        let cell = self.graph.vectors.allocate(key, &vector)?;
+        let guard = self.pin();
+        let reused = self.free_slots.lock().pop();
+        match reused {
+            Some(slot) => {
+                self.keys_insert_after_publish(slot, key, cell, &guard);
+                self.relink(slot, &guard);
+            }
+            None => {
+                let slot = match self.allocate_fresh_slot() {
+                    Ok(slot) => slot,
+                    Err(e) => {
+                        self.graph.vectors.release_unpublished(cell);
+                        return Err(e);
+                    }
+                };
+                let level = self.levels.next();
+                {
+                    let node = self.graph.lock_node(slot).ok_or(Error::OutOfMemory { bytes: 0 })?;
+                    self.graph.init_node(&node, level)?;
+                    self.graph.publish_cell(&node, cell);
+                }
+                self.keys.insert(key, slot, |s| self.key_at(s));
+                self.live.fetch_add(1, Ordering::Relaxed);
+                self.connect(slot, level, &guard);
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes `cell` in a removed slot, retires the slot's old cell, and
+    /// maps `key` to it.
+    fn keys_insert_after_publish(&self, slot: u32, key: u64, cell: CellId, guard: &Guard) {
+        let old = match self.graph.lock_node(slot) {
+            Some(node) => self.graph.publish_cell(&node, cell),
+            None => NO_CELL,
+        };
+        if old != NO_CELL {
+            self.graph.vectors.retire(old & !TOMBSTONE, guard);
+        }
+        self.keys.insert(key, slot, |s| self.key_at(s));
+        self.live.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn allocate_fresh_slot(&self) -> Result<u32> {
+        // Relaxed: uniqueness is all the counter provides; the slot's contents
+        // are published through its cell word and entry lock.
+        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        if slot >= TOMBSTONE as usize {
+            return Err(Error::CapacityExceeded {
+                limit: TOMBSTONE as usize,
+            });
+        }
+        self.graph.reserve_slots(slot + 1)?;
+        Ok(slot as u32)
+    }
+
+    /// Inserts many entries on `threads` threads (0 = all cores), calling
+    /// `progress` from the workers about every 1% of the batch.
+    ///
+    /// Every vector is validated before anything is inserted. If an insert
+    /// fails (e.g. a duplicate key), the workers stop and the first error is
+    /// returned; entries inserted before it stay in the index.
+    ///
+    /// ```
+    /// use nann::{Index, IndexParams, Metric};
+    /// let index = Index::new(IndexParams::new(2, Metric::L2))?;
+    /// let keys: Vec<u64> = (0..1000).collect();
+    /// let vectors: Vec<[f32; 2]> = (0..1000).map(|i| [i as f32, (i % 7) as f32]).collect();
+    /// index.insert_many(&keys, &vectors, 2, |p| assert!(p.done <= p.total))?;
+    /// assert_eq!(index.len(), 1000);
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn insert_many<V, P>(&self, keys: &[u64], vectors: &[V], threads: usize, progress: P) -> Result<()>
+    where
+        V: AsRef<[f32]> + Sync,
+        P: Fn(Progress) + Sync,
+    {
+        if keys.len() != vectors.len() {
+            return Err(Error::InvalidParameter {
+                name: "keys",
+                reason: format!("{} keys for {} vectors", keys.len(), vectors.len()),
+            });
+        }
+        let mut check = Vec::new();
+        for v in vectors {
+            self.prepare_into(v.as_ref(), &mut check)?;
+        }
+        let total = keys.len();
+        self.graph.reserve_slots(self.next_slot.load(Ordering::Relaxed) + total)?;
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let step = (total / 100).max(1);
+        let results = crate::parallel::map_indexed(total, threads, |i| {
+            // Relaxed: a best-effort early stop; the error itself travels
+            // through the returned results.
+            if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(());
+            }
+            let outcome = self.insert(keys[i], vectors[i].as_ref());
+            if outcome.is_err() {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            let finished = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if finished % step == 0 || finished == total {
+                progress(Progress { done: finished, total });
+            }
+            outcome
+        });
+        results.into_iter().collect()
+    }
+
+    /// Links `slot` (whose cell is published) into every layer up to `level`.
+    pub(crate) fn connect(&self, slot: u32, level: usize, guard: &Guard) {
+        let mut scratch = self.take_scratch();
+        let Some(own) = self.graph.vector(slot, guard) else {
+            return;
+        };
+        let query = own.vector;
+
+        // A node that raises the max level holds the promotion mutex for its
+        // whole insertion, so promotions are serial and the new top node is
+        // linked before it becomes the entry point (hnswlib's `global`).
+        let mut entry = self.graph.entry();
+        let _promotion = if entry.is_none_or(|(_, max)| level > max) {
+            let held = self.promotion.lock();
+            entry = self.graph.entry();
+            Some(held)
+        } else {
+            None
+        };
+        let Some((entry_slot, max_level)) = entry else {
+            self.graph.set_entry(slot, level);
+            return;
+        };
+
+        let plan = self.plan_links(slot, query, entry_slot, max_level, level, &mut scratch, guard);
+
+        // Phase 1: every forward list, before anyone can reach the node.
+        if let Some(node) = self.graph.lock_node(slot) {
+            for (layer, neighbours) in plan.iter().enumerate() {
+                self.graph.write_links(&node, layer, neighbours);
+            }
+        }
+        // Phase 2: reverse links, one neighbour lock at a time.
+        for (layer, neighbours) in plan.iter().enumerate() {
+            for &n in neighbours {
+                self.add_reverse_link(n, slot, layer, &mut scratch.links, guard);
+            }
+        }
+        if level > max_level {
+            self.graph.set_entry(slot, level);
+        }
+    }
+
+    /// Searches every layer the node shares with the graph and selects its
+    /// neighbours; `plan[layer]` is the forward list for `layer`.
+    #[allow(clippy::too_many_arguments)]
+    fn plan_links(
+        &self,
+        slot: u32,
+        query: &[f32],
+        entry_slot: u32,
+        max_level: usize,
+        level: usize,
+        scratch: &mut Scratch,
+        guard: &Guard,
+    ) -> Vec<Vec<u32>> {
+        let top = level.min(max_level);
+        let mut plan = vec![Vec::new(); top + 1];
+        let Some(start) = self.score(query, entry_slot, guard) else {
+            return plan;
+        };
+        let start = self.greedy_descent(query, start, max_level, top, &mut scratch.links, guard);
+        let mut entries = vec![start];
+        for layer in (0..=top).rev() {
+            self.search_layer(
+                query,
+                &entries,
+                layer,
+                self.params.ef_construction,
+                scratch,
+                guard,
+                // Removed nodes may be linked: they keep their vectors and
+                // bridge the graph until their slot is reused (then relinked).
+                &mut |s, _| s != slot,
+                &mut Budget::unlimited(),
+            );
+            let mut found: Vec<Scored> = scratch.results.drain().collect();
+            found.sort_unstable();
+            let candidates = self.with_vectors(&found, guard);
+            // hnswlib selects M forward links on every layer (M0 = 2M is room
+            // for reverse links on layer 0).
+            plan[layer] = self.select_neighbours(&candidates, self.params.m);
+            if !found.is_empty() {
+                entries = found;
+            }
+        }
+        plan
+    }
+
+    fn with_vectors<'g>(&'g self, scored: &[Scored], guard: &'g Guard) -> Vec<Candidate<'g>> {
+        scored
+            .iter()
+            .filter_map(|s| {
+                let v = self.graph.vector(s.slot, guard)?;
+                Some(Candidate {
+                    dist: s.dist,
+                    slot: s.slot,
+                    vector: v.vector,
+                })
+            })
+            .collect()
+    }
+
+    /// The HNSW heuristic (Malkov & Yashunin, Alg. 4; hnswlib's
+    /// `getNeighborsByHeuristic2`): walk candidates nearest first and keep one
+    /// only if it is closer to the base than to every neighbour kept so far.
+    /// This spreads links over directions instead of one dense cluster.
+    /// `candidates` must be sorted by distance to the base.
+    fn select_neighbours(&self, candidates: &[Candidate<'_>], max: usize) -> Vec<u32> {
+        if candidates.len() < max {
+            return candidates.iter().map(|c| c.slot).collect();
+        }
+        let mut kept: Vec<&Candidate<'_>> = Vec::with_capacity(max);
+        for candidate in candidates {
+            if kept.len() >= max {
+                break;
+            }
+            let diverse = kept
+                .iter()
+                .all(|k| self.dist(candidate.vector, k.vector) >= candidate.dist);
+            if diverse {
+                kept.push(candidate);
+            }
+        }
+        kept.iter().map(|c| c.slot).collect()
+    }
+
+    /// Adds `new` to `neighbour`'s list on `layer`, shrinking the list by the
+    /// heuristic if it is full.
+    pub(crate) fn add_reverse_link(&self, neighbour: u32, new: u32, layer: usize, list: &mut Vec<u32>, guard: &Guard) {
+        let Some(node) = self.graph.lock_node(neighbour) else {
+            return;
+        };
+        self.graph.read_links_locked(&node, layer, list);
+        if list.contains(&new) {
+            return;
+        }
+        let max = self.graph.max_degree(layer);
+        if list.len() < max {
+            list.push(new);
+            self.graph.write_links(&node, layer, list);
+            return;
+        }
+        list.push(new);
+        let selected = self.reselect(neighbour, list, max, guard);
+        self.graph.write_links(&node, layer, &selected);
+    }
+
+    /// Re-selects `base`'s neighbours from `ids` by the heuristic.
+    pub(crate) fn reselect(&self, base: u32, ids: &[u32], max: usize, guard: &Guard) -> Vec<u32> {
+        let Some(base_vector) = self.graph.vector(base, guard) else {
+            return ids.iter().copied().take(max).collect();
+        };
+        let mut scored: Vec<Scored> = ids
+            .iter()
+            .filter(|&&id| id != base)
+            .filter_map(|&id| self.score(base_vector.vector, id, guard))
+            .collect();
+        scored.sort_unstable();
+        scored.dedup_by_key(|s| s.slot);
+        let candidates = self.with_vectors(&scored, guard);
+        self.select_neighbours(&candidates, max)
+    }
+}

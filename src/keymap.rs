@@ -1,0 +1,74 @@
+//! External key -> internal slot.
+//!
+//! A `hashbrown::HashTable<u32>` stores only the slot; the key is read back
+//! from the slot's cell when the table needs it (probe comparison, rehash).
+//! That costs one indirection per lookup but keeps the map at ~4-8 bytes per
+//! entry, against ~24 for a `HashMap<u64, u32>`, which is what lets an entry's
+//! fixed state stay within 32 bytes. Lookups are off the search path (search
+//! returns keys straight from the cells), so the indirection is cheap where it
+//! is paid.
+
+use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::HashTable;
+
+use crate::sync::RwLock;
+
+#[derive(Debug, Default)]
+pub(crate) struct KeyMap {
+    table: RwLock<HashTable<u32>>,
+    hasher: RandomState,
+}
+
+impl KeyMap {
+    fn hash(&self, key: u64) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The slot of `key`; `key_of` reads the key stored at a slot.
+    pub(crate) fn get(&self, key: u64, key_of: impl Fn(u32) -> u64) -> Option<u32> {
+        let table = self.table.read();
+        table.find(self.hash(key), |&slot| key_of(slot) == key).copied()
+    }
+
+    /// Maps `key` to `slot`; returns `false` (and changes nothing) if `key`
+    /// is already present.
+    pub(crate) fn insert(&self, key: u64, slot: u32, key_of: impl Fn(u32) -> u64) -> bool {
+        let mut table = self.table.write();
+        let hash = self.hash(key);
+        if table.find(hash, |&s| key_of(s) == key).is_some() {
+            return false;
+        }
+        table.insert_unique(hash, slot, |&s| self.hash(key_of(s)));
+        true
+    }
+
+    /// Removes `key`, returning its slot.
+    pub(crate) fn remove(&self, key: u64, key_of: impl Fn(u32) -> u64) -> Option<u32> {
+        let mut table = self.table.write();
+        match table.find_entry(self.hash(key), |&s| key_of(s) == key) {
+            Ok(entry) => Some(entry.remove().0),
+            Err(_) => None,
+        }
+    }
+
+    /// Every mapped slot (for invariant checks).
+    pub(crate) fn slots(&self) -> Vec<u32> {
+        self.table.read().iter().copied().collect()
+    }
+
+    /// Bytes of the table's buckets and control bytes.
+    pub(crate) fn allocated_bytes(&self) -> usize {
+        let buckets = self.table.read().capacity();
+        // hashbrown keeps capacity at 7/8 of the bucket count; each bucket is
+        // a 4-byte slot plus one control byte.
+        buckets * 8 / 7 * 5
+    }
+
+    /// Test hook: map a key to a slot without any check.
+    #[cfg(test)]
+    pub(crate) fn force_insert(&self, key: u64, slot: u32, key_of: impl Fn(u32) -> u64) {
+        let mut table = self.table.write();
+        table.insert_unique(self.hash(key), slot, |&s| self.hash(key_of(s)));
+    }
+}

@@ -1,0 +1,58 @@
+//! A minimal work-sharing loop on scoped std threads, for batch search and
+//! bulk build. Items are claimed in small blocks from one atomic counter, so
+//! uneven per-item costs balance out without a dependency on a thread pool.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Number of threads to use for `requested` (0 = all available cores).
+pub(crate) fn thread_count(requested: usize, items: usize) -> usize {
+    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let wanted = if requested == 0 { available } else { requested };
+    wanted.clamp(1, items.max(1))
+}
+
+/// Computes `f(i)` for `i in 0..n` on `threads` threads; results in order.
+pub(crate) fn map_indexed<T, F>(n: usize, threads: usize, f: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize) -> T + Sync,
+{
+    const BLOCK: usize = 16;
+    let threads = thread_count(threads, n);
+    if threads == 1 {
+        return (0..n).map(f).collect();
+    }
+    // Relaxed: the counter only hands out disjoint blocks; results travel back
+    // through `join`, which synchronises.
+    let next = AtomicUsize::new(0);
+    let mut parts: Vec<Vec<(usize, T)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let start = next.fetch_add(BLOCK, Ordering::Relaxed);
+                        if start >= n {
+                            break;
+                        }
+                        for i in start..(start + BLOCK).min(n) {
+                            out.push((i, f(i)));
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    });
+    let mut slots: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    for part in parts.drain(..) {
+        for (i, value) in part {
+            slots[i] = Some(value);
+        }
+    }
+    slots.into_iter().flatten().collect()
+}

@@ -1,0 +1,423 @@
+//! Graph search: greedy descent through the upper layers, then a beam search
+//! of width `ef` on layer 0; plus the filtered and exact-scan paths.
+//!
+//! ```text
+//!   layer L  ep ──► greedy (ef = 1) ──┐
+//!   ...                               ▼
+//!   layer 1              greedy ──► nearest on layer 1
+//!   layer 0                          beam search, width max(ef, k) ──► top k
+//! ```
+//!
+//! The search holds no lock and writes no shared memory: each neighbour list
+//! is copied optimistically (`Graph::read_links`) and each vector is an
+//! immutable cell read under the query's epoch pin. Removed entries
+//! (tombstones) are traversed, so they keep the graph navigable, but never
+//! returned.
+//!
+//! The beam loop batches each expansion: it first collects the unvisited
+//! neighbours and prefetches their vectors, then computes the distances, so
+//! the memory loads of one expansion overlap instead of queueing one by one.
+
+use std::cmp::Reverse;
+
+use crossbeam_epoch::Guard;
+
+use crate::error::Result;
+use crate::graph::VectorRef;
+use crate::index::{Hit, Index};
+use crate::scratch::{Scored, Scratch};
+use crate::sync::Ordering;
+
+/// A cap on distance computations for one layer search.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    pub(crate) limit: usize,
+    pub(crate) spent: usize,
+}
+
+impl Budget {
+    pub(crate) fn unlimited() -> Self {
+        Self {
+            limit: usize::MAX,
+            spent: 0,
+        }
+    }
+    pub(crate) fn exhausted(&self) -> bool {
+        self.spent > self.limit
+    }
+}
+
+impl Index {
+    /// Distance from the query to `v`.
+    #[inline]
+    pub(crate) fn dist(&self, query: &[f32], v: &[f32]) -> f32 {
+        self.distance.eval(query, v)
+    }
+
+    /// Scores `slot` against `query`, if the slot holds a vector.
+    #[inline]
+    pub(crate) fn score(&self, query: &[f32], slot: u32, guard: &Guard) -> Option<Scored> {
+        let v = self.graph.vector(slot, guard)?;
+        Some(Scored {
+            dist: self.dist(query, v.vector),
+            slot,
+            cell: v.cell,
+        })
+    }
+
+    /// Greedy descent from `start` through layers `from` down to `to + 1`.
+    pub(crate) fn greedy_descent(
+        &self,
+        query: &[f32],
+        mut current: Scored,
+        from: usize,
+        to: usize,
+        links: &mut Vec<u32>,
+        guard: &Guard,
+    ) -> Scored {
+        for layer in (to + 1..=from).rev() {
+            loop {
+                let mut improved = false;
+                self.graph.read_links(current.slot, layer, links);
+                for &n in links.iter() {
+                    if let Some(s) = self.score(query, n, guard) {
+                        if s.dist < current.dist {
+                            current = s;
+                            improved = true;
+                        }
+                    }
+                }
+                if !improved {
+                    break;
+                }
+            }
+        }
+        current
+    }
+
+    /// Beam search of width `ef` on `layer` from `entries`. Accepted nodes end
+    /// in `scratch.results` (farthest on top); every reachable node, accepted
+    /// or not, is traversed. Returns `false` if the budget ran out first.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn search_layer(
+        &self,
+        query: &[f32],
+        entries: &[Scored],
+        layer: usize,
+        ef: usize,
+        scratch: &mut Scratch,
+        guard: &Guard,
+        accept: &mut dyn FnMut(u32, &VectorRef<'_>) -> bool,
+        budget: &mut Budget,
+    ) -> bool {
+        let ef = ef.max(1);
+        let slots = self.next_slot.load(Ordering::Acquire);
+        let Scratch {
+            visited,
+            candidates,
+            results,
+            links,
+            fresh,
+            ..
+        } = scratch;
+        visited.reset(slots);
+        candidates.clear();
+        results.clear();
+
+        for &entry in entries {
+            if !visited.insert(entry.slot) {
+                continue;
+            }
+            let Some(v) = self.graph.vector(entry.slot, guard) else {
+                continue;
+            };
+            candidates.push(Reverse(entry));
+            if accept(entry.slot, &v) {
+                results.push(entry);
+            }
+        }
+        while results.len() > ef {
+            results.pop();
+        }
+
+        while let Some(Reverse(current)) = candidates.pop() {
+            if results.len() >= ef && results.peek().is_some_and(|worst| current.dist > worst.dist) {
+                break;
+            }
+            self.graph.read_links(current.slot, layer, links);
+            fresh.clear();
+            for &n in links.iter() {
+                if visited.insert(n) {
+                    self.graph.prefetch_vector(n);
+                    fresh.push(n);
+                }
+            }
+            for &n in fresh.iter() {
+                let Some(v) = self.graph.vector(n, guard) else {
+                    continue;
+                };
+                budget.spent += 1;
+                let dist = self.dist(query, v.vector);
+                let admits = results.len() < ef || results.peek().is_some_and(|worst| dist < worst.dist);
+                if admits {
+                    let scored = Scored {
+                        dist,
+                        slot: n,
+                        cell: v.cell,
+                    };
+                    candidates.push(Reverse(scored));
+                    if accept(n, &v) {
+                        results.push(scored);
+                        if results.len() > ef {
+                            results.pop();
+                        }
+                    }
+                }
+            }
+            if budget.exhausted() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Descends to layer 0 and returns the best entry point for it.
+    pub(crate) fn layer0_entry(&self, query: &[f32], scratch: &mut Scratch, guard: &Guard) -> Option<Scored> {
+        let (entry, max_level) = self.graph.entry()?;
+        let start = self.score(query, entry, guard)?;
+        Some(self.greedy_descent(query, start, max_level, 0, &mut scratch.links, guard))
+    }
+
+    /// Turns `scratch.results` into the `k` best hits, nearest first.
+    fn take_hits(&self, scratch: &mut Scratch, k: usize) -> Vec<Hit> {
+        let mut best: Vec<Scored> = scratch.results.drain().collect();
+        best.sort_unstable();
+        best.truncate(k);
+        self.to_hits(&best)
+    }
+
+    fn to_hits(&self, best: &[Scored]) -> Vec<Hit> {
+        best.iter()
+            .map(|s| Hit {
+                key: self.graph.vectors.key(s.cell),
+                distance: s.dist,
+            })
+            .collect()
+    }
+
+    /// The `k` nearest live entries to `query`, nearest first, searching
+    /// layer 0 with a beam of `max(ef, k)`.
+    ///
+    /// `ef` trades speed for recall per call; it is never stored on the index.
+    /// If the graph yields fewer than `k` live entries while the index holds
+    /// at least `k` (possible after heavy removal), the search falls back to an
+    /// exact scan, so a query always returns `min(k, len)` hits.
+    ///
+    /// ```
+    /// use nann::{Index, IndexParams, Metric};
+    /// let index = Index::new(IndexParams::new(1, Metric::L2))?;
+    /// for key in 0..100u64 {
+    ///     index.insert(key, &[key as f32])?;
+    /// }
+    /// let hits = index.search(&[41.6], 3, 32)?;
+    /// let keys: Vec<u64> = hits.iter().map(|h| h.key).collect();
+    /// assert_eq!(keys, vec![42, 41, 43]);
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn search(&self, query: &[f32], k: usize, ef: usize) -> Result<Vec<Hit>> {
+        let mut scratch = self.take_scratch();
+        let mut prepared = std::mem::take(&mut scratch.query);
+        let outcome = self.prepare_into(query, &mut prepared).map(|()| {
+            if k == 0 {
+                return Vec::new();
+            }
+            let guard = self.pin();
+            let Some(entry) = self.layer0_entry(&prepared, &mut scratch, &guard) else {
+                return Vec::new();
+            };
+            self.search_layer(
+                &prepared,
+                &[entry],
+                0,
+                ef.max(k),
+                &mut scratch,
+                &guard,
+                &mut |_, v| !v.tombstoned,
+                &mut Budget::unlimited(),
+            );
+            let hits = self.take_hits(&mut scratch, k);
+            if hits.len() < k && hits.len() < self.len() {
+                return self.exact_scan(&prepared, k, &|_| true, &guard);
+            }
+            hits
+        });
+        scratch.query = prepared;
+        outcome
+    }
+
+    /// The `k` nearest live entries whose key passes `filter`.
+    ///
+    /// The filter runs during graph traversal (rejected entries are still
+    /// traversed). When it is so selective that the graph search would return
+    /// fewer than `k` hits or cost more than scanning, the search switches to
+    /// an exact scan: it samples the filter on a few entries to estimate its
+    /// selectivity up front, and it caps the graph search at the cost of a
+    /// scan, finishing with a scan if the cap or a short result is hit.
+    ///
+    /// The filter is called without any index lock held, so a panicking
+    /// filter leaves the index consistent.
+    ///
+    /// ```
+    /// use nann::{Index, IndexParams, Metric};
+    /// let index = Index::new(IndexParams::new(1, Metric::L2))?;
+    /// for key in 0..1000u64 {
+    ///     index.insert(key, &[key as f32])?;
+    /// }
+    /// let hits = index.search_filtered(&[500.2], 2, 32, |key| key % 100 == 7)?;
+    /// let keys: Vec<u64> = hits.iter().map(|h| h.key).collect();
+    /// assert_eq!(keys, vec![507, 407]);
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn search_filtered<F>(&self, query: &[f32], k: usize, ef: usize, filter: F) -> Result<Vec<Hit>>
+    where
+        F: Fn(u64) -> bool,
+    {
+        let prepared = self.prepare(query)?;
+        let live = self.len();
+        if k == 0 || live == 0 {
+            return Ok(Vec::new());
+        }
+        let guard = self.pin();
+        let slots = self.next_slot.load(Ordering::Acquire);
+        let ef = ef.max(k);
+
+        // Cost model, in distance computations: a filtered beam search needs
+        // roughly (distances per unfiltered search) / selectivity; an exact
+        // scan needs one per live entry. ~16 distances per unit of ef is what
+        // layer-0 searches with M0 = 32 measure on the benchmark sets.
+        let selectivity = self.sample_selectivity(&filter, slots, &guard);
+        let graph_cost = 16.0 * ef as f64 / selectivity.max(1e-6);
+        if graph_cost >= live as f64 || selectivity * (live as f64) < k as f64 {
+            return Ok(self.exact_scan(&prepared, k, &filter, &guard));
+        }
+
+        let mut scratch = self.take_scratch();
+        let Some(entry) = self.layer0_entry(&prepared, &mut scratch, &guard) else {
+            return Ok(Vec::new());
+        };
+        let mut budget = Budget {
+            limit: live,
+            spent: 0,
+        };
+        let completed = self.search_layer(
+            &prepared,
+            &[entry],
+            0,
+            ef,
+            &mut scratch,
+            &guard,
+            &mut |_, v| !v.tombstoned && filter(self.graph.vectors.key(v.cell)),
+            &mut budget,
+        );
+        let hits = self.take_hits(&mut scratch, k);
+        if !completed || hits.len() < k {
+            return Ok(self.exact_scan(&prepared, k, &filter, &guard));
+        }
+        Ok(hits)
+    }
+
+    /// Fraction of live sampled entries that pass `filter` (64 evenly spaced slots).
+    fn sample_selectivity(&self, filter: &dyn Fn(u64) -> bool, slots: usize, guard: &Guard) -> f64 {
+        const SAMPLES: usize = 64;
+        if slots == 0 {
+            return 0.0;
+        }
+        let step = (slots / SAMPLES).max(1);
+        let (mut live, mut passed) = (0usize, 0usize);
+        for slot in (0..slots).step_by(step).take(SAMPLES) {
+            if let Some(v) = self.graph.vector(slot as u32, guard) {
+                if !v.tombstoned {
+                    live += 1;
+                    passed += usize::from(filter(self.graph.vectors.key(v.cell)));
+                }
+            }
+        }
+        if live == 0 {
+            return 1.0;
+        }
+        // Half a pass for an all-miss sample: "rarer than 1 in 64", not "never".
+        (passed as f64).max(0.5) / live as f64
+    }
+
+    /// Exact top-k over every live entry passing `filter`.
+    pub(crate) fn exact_scan(&self, query: &[f32], k: usize, filter: &dyn Fn(u64) -> bool, guard: &Guard) -> Vec<Hit> {
+        let slots = self.next_slot.load(Ordering::Acquire);
+        let mut best = std::collections::BinaryHeap::<Scored>::with_capacity(k + 1);
+        for slot in 0..slots as u32 {
+            let Some(v) = self.graph.vector(slot, guard) else {
+                continue;
+            };
+            if v.tombstoned {
+                continue;
+            }
+            let dist = self.dist(query, v.vector);
+            if best.len() >= k && best.peek().is_some_and(|worst| dist >= worst.dist) {
+                continue;
+            }
+            if !filter(self.graph.vectors.key(v.cell)) {
+                continue;
+            }
+            best.push(Scored {
+                dist,
+                slot,
+                cell: v.cell,
+            });
+            if best.len() > k {
+                best.pop();
+            }
+        }
+        self.to_hits(&best.into_sorted_vec())
+    }
+
+    /// Exact top-k by brute force over all live entries (a reference for
+    /// recall measurements; O(n) per query).
+    ///
+    /// ```
+    /// use nann::{Index, IndexParams, Metric};
+    /// let index = Index::new(IndexParams::new(1, Metric::L2))?;
+    /// for key in 0..10u64 {
+    ///     index.insert(key, &[key as f32])?;
+    /// }
+    /// assert_eq!(index.search_exact(&[3.2], 1)?[0].key, 3);
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn search_exact(&self, query: &[f32], k: usize) -> Result<Vec<Hit>> {
+        let prepared = self.prepare(query)?;
+        let guard = self.pin();
+        Ok(self.exact_scan(&prepared, k, &|_| true, &guard))
+    }
+
+    /// Runs [`search`](Self::search) for every query on `threads` threads
+    /// (0 = all cores). Results are in query order.
+    ///
+    /// ```
+    /// use nann::{Index, IndexParams, Metric};
+    /// let index = Index::new(IndexParams::new(1, Metric::L2))?;
+    /// for key in 0..100u64 {
+    ///     index.insert(key, &[key as f32])?;
+    /// }
+    /// let queries = vec![vec![1.1f32], vec![50.9]];
+    /// let results = index.search_batch(&queries, 1, 16, 2);
+    /// assert_eq!(results[0].as_ref().unwrap()[0].key, 1);
+    /// assert_eq!(results[1].as_ref().unwrap()[0].key, 51);
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn search_batch<Q>(&self, queries: &[Q], k: usize, ef: usize, threads: usize) -> Vec<Result<Vec<Hit>>>
+    where
+        Q: AsRef<[f32]> + Sync,
+    {
+        crate::parallel::map_indexed(queries.len(), threads, |i| {
+            self.search(queries[i].as_ref(), k, ef)
+        })
+    }
+}

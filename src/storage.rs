@@ -1,0 +1,474 @@
+//! Growable arrays that never move, and the vector arena.
+//!
+//! All raw-memory `unsafe` of the index lives in this module; the algorithm
+//! modules (`graph`, `search`, `insert`, `update`) are safe code over the
+//! accessors here.
+//!
+//! # Growing without moving (`Chunked`)
+//!
+//! Readers hold plain references into these arrays while writers insert, so
+//! growth can never reallocate. Storage is a list of chunks whose sizes double:
+//!
+//! ```text
+//!  chunk:    0          1          2                     3
+//!  records:  [0, B)     [B, 2B)    [2B, 4B)              [4B, 8B)  ...
+//!            └─ B ─┘    └─ B ─┘    └──── 2B ────┘        └──────── 4B ────────┘
+//! ```
+//!
+//! `B` (a power of two) is the initial capacity, so an index that never grows
+//! past it is one flat chunk, hnswlib-style. A new chunk is fully initialised,
+//! then published with a `Release` store of its pointer; readers load it with
+//! `Acquire`. Chunks are freed only when the array is dropped, which takes
+//! `&mut self`, so no reader can still hold a reference.
+//!
+//! # Vectors (`VectorArena`)
+//!
+//! Vectors live in *cells*: fixed-stride runs of `dim` f32s, plus the key of
+//! the entry that owns the cell. A cell is written only while it is private
+//! (just allocated, never yet published) and is immutable once published.
+//! Replacing an entry's vector writes a *new* cell, publishes it, and retires
+//! the old one through crossbeam-epoch; the old cell returns to the free list
+//! only after every thread pinned at the time of the swap has unpinned. So a
+//! search that loaded a cell id while pinned reads that cell with ordinary
+//! (SIMD) loads, with no data race and no lock: this is the
+//! "epoch-protected snapshot" option of the design, applied to vectors.
+
+use std::alloc::{self, Layout};
+use std::sync::Arc;
+
+use crossbeam_epoch::Guard;
+
+use crate::error::{Error, Result};
+use crate::sync::{AtomicPtr, AtomicU64, AtomicUsize, Mutex, Ordering};
+
+/// Enough chunks to address 2^32 records from any base >= 1.
+const MAX_CHUNKS: usize = 34;
+
+/// A growable array of fixed-length records of `T` that never moves.
+pub(crate) struct Chunked<T> {
+    /// log2 of the first chunk's record count.
+    base_shift: u32,
+    /// Elements of `T` per record.
+    stride: usize,
+    /// Records addressable through published chunks.
+    capacity: AtomicUsize,
+    chunks: [AtomicPtr<T>; MAX_CHUNKS],
+    /// Makes each element of a new chunk.
+    init: fn() -> T,
+    grow_lock: Mutex<()>,
+}
+
+impl<T> std::fmt::Debug for Chunked<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chunked")
+            .field("stride", &self.stride)
+            .field("capacity", &self.capacity())
+            .finish()
+    }
+}
+
+impl<T> Chunked<T> {
+    /// An array whose first chunk holds `initial` records (rounded up to a
+    /// power of two, at least 64), each of `stride` elements made by `init`.
+    pub(crate) fn new(initial: usize, stride: usize, init: fn() -> T) -> Result<Self> {
+        let base = initial.clamp(64, 1 << 30).next_power_of_two();
+        let array = Self {
+            base_shift: base.trailing_zeros(),
+            stride: stride.max(1),
+            capacity: AtomicUsize::new(0),
+            chunks: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
+            init,
+            grow_lock: Mutex::new(()),
+        };
+        array.reserve(1)?;
+        Ok(array)
+    }
+
+    /// Records in chunk `k`.
+    fn chunk_records(&self, k: usize) -> usize {
+        let base = 1usize << self.base_shift;
+        if k == 0 {
+            base
+        } else {
+            base << (k - 1)
+        }
+    }
+
+    /// (chunk, record offset within it) of record `i`.
+    #[inline]
+    fn locate(&self, i: usize) -> (usize, usize) {
+        let high = i >> self.base_shift;
+        if high == 0 {
+            (0, i)
+        } else {
+            let k = (usize::BITS - high.leading_zeros()) as usize; // floor(log2(high)) + 1
+            (k, i - (1usize << (self.base_shift as usize + k - 1)))
+        }
+    }
+
+    /// Records addressable now.
+    pub(crate) fn capacity(&self) -> usize {
+        // Acquire: pairs with the Release in `reserve`, so every chunk counted
+        // here is visible.
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Record `i`, or `None` if it is beyond the published chunks.
+    #[inline]
+    pub(crate) fn get(&self, i: usize) -> Option<&[T]> {
+        let (k, offset) = self.locate(i);
+        // Acquire: pairs with the Release publication in `reserve`, so the
+        // chunk's initialised contents are visible.
+        let ptr = self.chunks.get(k)?.load(Ordering::Acquire);
+        if ptr.is_null() {
+            return None;
+        }
+        // SAFETY: a non-null chunk pointer came from a leaked boxed slice of
+        // exactly `chunk_records(k) * stride` initialised elements, published
+        // once and freed only in `Drop` (which needs `&mut self`, so it cannot
+        // overlap this borrow). `offset < chunk_records(k)` by construction of
+        // `locate`, so the record lies inside the chunk.
+        unsafe {
+            Some(std::slice::from_raw_parts(
+                ptr.add(offset * self.stride),
+                self.stride,
+            ))
+        }
+    }
+
+    /// Makes sure records `0..len` exist, allocating chunks as needed. Never
+    /// moves existing records; readers are not blocked (they never take
+    /// `grow_lock`).
+    pub(crate) fn reserve(&self, len: usize) -> Result<()> {
+        if len <= self.capacity() {
+            return Ok(());
+        }
+        let _grow = self.grow_lock.lock();
+        let mut capacity = self.capacity.load(Ordering::Relaxed);
+        while capacity < len {
+            let k = self.locate(capacity).0;
+            if k >= MAX_CHUNKS {
+                return Err(Error::CapacityExceeded { limit: capacity });
+            }
+            let elements = self.chunk_records(k) * self.stride;
+            let bytes = elements.saturating_mul(std::mem::size_of::<T>());
+            let mut chunk: Vec<T> = Vec::new();
+            chunk
+                .try_reserve_exact(elements)
+                .map_err(|_| Error::OutOfMemory { bytes })?;
+            chunk.extend((0..elements).map(|_| (self.init)()));
+            let ptr = Box::into_raw(chunk.into_boxed_slice()) as *mut T;
+            // Release: publish the initialised chunk to `get`'s Acquire load.
+            self.chunks[k].store(ptr, Ordering::Release);
+            capacity += self.chunk_records(k);
+            // Release: readers that see the new capacity see the chunk.
+            self.capacity.store(capacity, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Bytes allocated (for memory accounting).
+    pub(crate) fn allocated_bytes(&self) -> usize {
+        self.capacity() * self.stride * std::mem::size_of::<T>()
+    }
+}
+
+impl<T> Drop for Chunked<T> {
+    fn drop(&mut self) {
+        for k in 0..MAX_CHUNKS {
+            let ptr = self.chunks[k].load(Ordering::Relaxed);
+            if !ptr.is_null() {
+                let elements = self.chunk_records(k) * self.stride;
+                // SAFETY: `ptr` came from `Box::into_raw` of a boxed slice of
+                // exactly `elements` elements in `reserve`, and is dropped once
+                // (we have `&mut self`).
+                drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, elements)) });
+            }
+        }
+    }
+}
+
+/// Identifies a vector cell.
+pub(crate) type CellId = u32;
+
+/// A raw, 64-byte aligned chunk of f32s, owned by the arena.
+struct RawChunk {
+    ptr: *mut f32,
+    layout: Layout,
+}
+
+/// The vector cells. See the module docs for the cell lifecycle.
+pub(crate) struct VectorArena {
+    dim: usize,
+    /// Cells per chunk (a power of two).
+    chunk_shift: u32,
+    chunks: [AtomicPtr<f32>; 64],
+    /// Keys of the entries owning each cell, parallel to the cells.
+    keys: Chunked<AtomicU64>,
+    /// Owned allocations, for `Drop`.
+    owned: Mutex<Vec<RawChunk>>,
+    /// Next never-used cell.
+    next: AtomicUsize,
+    /// Cells whose grace period has passed.
+    free: Arc<Mutex<Vec<CellId>>>,
+    /// Cells retired but maybe still read (for accounting only).
+    retired_pending: Arc<AtomicUsize>,
+}
+
+// SAFETY: the raw chunk pointers are owned by the arena (never aliased by
+// another owner) and only dereferenced under the cell protocol in the module
+// docs: a cell is written while private to one thread and read only after
+// publication, so sharing the arena between threads is sound.
+unsafe impl Send for VectorArena {}
+// SAFETY: as above; all mutable shared state other than cell contents is
+// behind atomics or mutexes.
+unsafe impl Sync for VectorArena {}
+
+impl std::fmt::Debug for VectorArena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VectorArena")
+            .field("dim", &self.dim)
+            .field("cells", &self.next.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl VectorArena {
+    pub(crate) fn new(dim: usize, initial_cells: usize) -> Result<Self> {
+        let per_chunk = initial_cells.clamp(64, 1 << 20).next_power_of_two();
+        let arena = Self {
+            dim,
+            chunk_shift: per_chunk.trailing_zeros(),
+            chunks: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
+            keys: Chunked::new(per_chunk, 1, || AtomicU64::new(0))?,
+            owned: Mutex::new(Vec::new()),
+            next: AtomicUsize::new(0),
+            free: Arc::new(Mutex::new(Vec::new())),
+            retired_pending: Arc::new(AtomicUsize::new(0)),
+        };
+        arena.ensure_chunk(0)?;
+        Ok(arena)
+    }
+
+    fn cells_per_chunk(&self) -> usize {
+        1 << self.chunk_shift
+    }
+
+    /// Allocates chunk `k` if it does not exist.
+    fn ensure_chunk(&self, k: usize) -> Result<()> {
+        if k >= self.chunks.len() {
+            return Err(Error::CapacityExceeded {
+                limit: self.chunks.len() * self.cells_per_chunk(),
+            });
+        }
+        let mut owned = self.owned.lock();
+        // Relaxed: we hold `owned`, which serialises all chunk publication.
+        if !self.chunks[k].load(Ordering::Relaxed).is_null() {
+            return Ok(());
+        }
+        let bytes = self
+            .cells_per_chunk()
+            .checked_mul(self.dim.max(1) * 4)
+            .ok_or(Error::OutOfMemory { bytes: usize::MAX })?;
+        let layout = Layout::from_size_align(bytes, 64).map_err(|_| Error::OutOfMemory { bytes })?;
+        // SAFETY: `layout` has non-zero size (cells_per_chunk >= 64, dim >= 1).
+        let ptr = unsafe { alloc::alloc_zeroed(layout) } as *mut f32;
+        if ptr.is_null() {
+            return Err(Error::OutOfMemory { bytes });
+        }
+        self.keys.reserve((k + 1) * self.cells_per_chunk())?;
+        owned.push(RawChunk { ptr, layout });
+        // Release: publish the zeroed chunk to readers' Acquire loads.
+        self.chunks[k].store(ptr, Ordering::Release);
+        Ok(())
+    }
+
+    /// Pointer to the first f32 of `cell`, or `None` if its chunk does not exist.
+    #[inline]
+    fn cell_ptr(&self, cell: CellId) -> Option<*mut f32> {
+        let cell = cell as usize;
+        let k = cell >> self.chunk_shift;
+        // Acquire: pairs with the Release in `ensure_chunk`.
+        let base = self.chunks.get(k)?.load(Ordering::Acquire);
+        if base.is_null() {
+            return None;
+        }
+        let offset = (cell & (self.cells_per_chunk() - 1)) * self.dim;
+        // SAFETY: `offset + dim <= cells_per_chunk * dim`, the chunk's length
+        // in f32s, so the pointer stays inside the allocation.
+        Some(unsafe { base.add(offset) })
+    }
+
+    /// Takes a private cell, writes `key` and `vector` into it, and returns it.
+    /// The cell is not reachable by any reader until its id is published.
+    pub(crate) fn allocate(&self, key: u64, vector: &[f32]) -> Result<CellId> {
+        let recycled = self.free.lock().pop();
+        let cell = match recycled {
+            Some(cell) => cell,
+            None => {
+                let cell = self.next.fetch_add(1, Ordering::Relaxed);
+                if cell >= u32::MAX as usize >> 1 {
+                    self.next.fetch_sub(1, Ordering::Relaxed);
+                    return Err(Error::CapacityExceeded { limit: cell });
+                }
+                self.ensure_chunk(cell >> self.chunk_shift)?;
+                cell as CellId
+            }
+        };
+        let ptr = self.cell_ptr(cell).ok_or(Error::OutOfMemory { bytes: 0 })?;
+        let n = vector.len().min(self.dim);
+        // SAFETY: the cell is private to this thread: it is either fresh from
+        // `next` (never handed out before) or came off the free list, which a
+        // cell reaches only after the epoch grace period of its retirement, so
+        // no reader holds it. `ptr` addresses `dim` f32s inside the chunk.
+        unsafe { std::ptr::copy_nonoverlapping(vector.as_ptr(), ptr, n) };
+        if let Some(slot) = self.keys.get(cell as usize) {
+            // Relaxed: the key is published together with the cell id by the
+            // caller's Release store of that id.
+            slot[0].store(key, Ordering::Relaxed);
+        }
+        Ok(cell)
+    }
+
+    /// Returns a cell that was never published (e.g. after a failed insert).
+    pub(crate) fn release_unpublished(&self, cell: CellId) {
+        self.free.lock().push(cell);
+    }
+
+    /// Retires a cell that readers may still hold: it is recycled only after
+    /// every thread currently pinned has unpinned.
+    pub(crate) fn retire(&self, cell: CellId, guard: &Guard) {
+        let free = Arc::clone(&self.free);
+        let pending = Arc::clone(&self.retired_pending);
+        pending.fetch_add(1, Ordering::Relaxed);
+        guard.defer(move || {
+            free.lock().push(cell);
+            pending.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
+    /// The vector in a published cell.
+    ///
+    /// The `_guard` lifetime bounds the borrow: the caller loaded `cell` from a
+    /// slot while pinned by this guard, so the cell cannot be recycled before
+    /// the borrow ends. That protocol is what makes this safe; it is upheld by
+    /// [`crate::graph::Graph::vector`], the only caller.
+    #[inline]
+    pub(crate) fn read<'g>(&'g self, cell: CellId, _guard: &'g Guard) -> Option<&'g [f32]> {
+        let ptr = self.cell_ptr(cell)?;
+        // SAFETY: the cell was published (its id was read from a slot with
+        // Acquire after the allocating thread's Release store), so its
+        // contents are initialised and visible; it is immutable while
+        // published and cannot be recycled while `_guard` pins this thread
+        // (see `retire`). `ptr` addresses `dim` f32s inside a live chunk.
+        Some(unsafe { std::slice::from_raw_parts(ptr, self.dim) })
+    }
+
+    /// The key stored with a cell.
+    #[inline]
+    pub(crate) fn key(&self, cell: CellId) -> u64 {
+        // Relaxed: see `allocate`; the caller's Acquire load of the cell id
+        // orders this read after the key's store.
+        self.keys
+            .get(cell as usize)
+            .map_or(u64::MAX, |k| k[0].load(Ordering::Relaxed))
+    }
+
+    /// Hints the CPU to fetch the first cache lines of a cell.
+    #[inline]
+    pub(crate) fn prefetch(&self, cell: CellId) {
+        if let Some(ptr) = self.cell_ptr(cell) {
+            prefetch_lines(ptr as *const u8, self.dim * 4);
+        }
+    }
+
+    /// Cells handed out so far (high-water mark).
+    #[cfg(test)]
+    pub(crate) fn cells_used(&self) -> usize {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    /// Bytes allocated for vectors and their keys.
+    pub(crate) fn allocated_bytes(&self) -> usize {
+        let owned = self.owned.lock();
+        owned.iter().map(|c| c.layout.size()).sum::<usize>() + self.keys.allocated_bytes()
+    }
+}
+
+impl Drop for VectorArena {
+    fn drop(&mut self) {
+        for chunk in self.owned.get_mut().drain(..) {
+            // SAFETY: allocated in `ensure_chunk` with exactly this layout and
+            // freed once; `&mut self` means no reader borrows it.
+            unsafe { alloc::dealloc(chunk.ptr as *mut u8, chunk.layout) };
+        }
+    }
+}
+
+/// Prefetches up to four cache lines starting at `ptr` into L1.
+#[inline]
+pub(crate) fn prefetch_lines(ptr: *const u8, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let lines = bytes.div_ceil(64).min(4);
+        for line in 0..lines {
+            // SAFETY: SSE is part of the x86-64 baseline, so the instruction
+            // exists on every CPU this code runs on; a prefetch is a hint that
+            // never faults or reads into the program, whatever the address
+            // (`wrapping_add` computes it without claiming it is in bounds).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(line * 64) as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (ptr, bytes);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::sync::AtomicU32;
+
+    #[test]
+    fn chunked_locates_every_record_once_across_growth() {
+        let array: Chunked<AtomicU32> = Chunked::new(64, 3, || AtomicU32::new(0)).unwrap();
+        array.reserve(5000).unwrap();
+        assert!(array.capacity() >= 5000);
+        for i in 0..5000 {
+            let record = array.get(i).unwrap();
+            assert_eq!(record.len(), 3);
+            assert_eq!(record[0].swap(1, Ordering::Relaxed), 0, "record {i} aliases another");
+        }
+        assert!(array.get(1 << 40).is_none());
+    }
+
+    #[test]
+    fn growth_does_not_move_existing_records() {
+        let array: Chunked<AtomicU32> = Chunked::new(64, 1, || AtomicU32::new(7)).unwrap();
+        let before = array.get(10).unwrap().as_ptr();
+        array.reserve(100_000).unwrap();
+        assert_eq!(before, array.get(10).unwrap().as_ptr());
+        assert_eq!(array.get(99_999).unwrap()[0].load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
+    fn arena_round_trips_cells_and_recycles_after_grace() {
+        let arena = VectorArena::new(5, 64).unwrap();
+        let a = arena.allocate(11, &[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+        let b = arena.allocate(22, &[5.0; 5]).unwrap();
+        assert_ne!(a, b);
+        let guard = crossbeam_epoch::pin();
+        assert_eq!(arena.read(a, &guard).unwrap(), &[1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(arena.key(b), 22);
+        arena.release_unpublished(b);
+        let c = arena.allocate(33, &[0.5; 5]).unwrap();
+        assert_eq!(c, b, "an unpublished cell is reused at once");
+        assert_eq!(arena.key(c), 33);
+        for i in 0..1000 {
+            arena.allocate(i, &[i as f32; 5]).unwrap();
+        }
+        assert!(arena.cells_used() >= 1002);
+    }
+}

@@ -1,0 +1,105 @@
+//! The one place where nann gets its atomics, locks and spin hints.
+//!
+//! Every shared-memory primitive the index uses is imported from here, never
+//! from `std::sync` directly. Under `--cfg loom` the same names resolve to
+//! [loom]'s model-checked versions, so the concurrency models (see
+//! `tests/loom.rs`) exercise the real algorithm code rather than a copy of it.
+//! This is the crossbeam-epoch `primitive` module pattern, and tokio's
+//! `loom/mocked.rs`.
+//!
+//! ```text
+//!            normal build                      --cfg loom
+//!   Atomic*  std::sync::atomic::*             loom::sync::atomic::*
+//!   fence    std::sync::atomic::fence         loom::sync::atomic::fence
+//!   Mutex    parking_lot::Mutex               loom::sync::Mutex (wrapped)
+//!   RwLock   parking_lot::RwLock              loom::sync::RwLock (wrapped)
+//!   backoff  spin_loop, then yield_now        loom::thread::yield_now
+//! ```
+//!
+//! [loom]: https://docs.rs/loom
+
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{fence, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{fence, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+#[cfg(not(loom))]
+pub(crate) use parking_lot::{Mutex, RwLock};
+
+#[cfg(loom)]
+pub(crate) use loom_locks::{Mutex, RwLock};
+
+/// loom's locks return `LockResult`s; these wrappers give them parking_lot's
+/// infallible signatures so the algorithm code is identical in both builds.
+#[cfg(loom)]
+mod loom_locks {
+    pub(crate) use loom::sync::{MutexGuard, RwLockReadGuard, RwLockWriteGuard};
+
+    #[derive(Debug, Default)]
+    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(loom::sync::Mutex::new(value))
+        }
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        }
+    }
+
+    #[derive(Debug, Default)]
+    pub(crate) struct RwLock<T>(loom::sync::RwLock<T>);
+
+    impl<T> RwLock<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(loom::sync::RwLock::new(value))
+        }
+        pub(crate) fn read(&self) -> RwLockReadGuard<'_, T> {
+            self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+        }
+        pub(crate) fn write(&self) -> RwLockWriteGuard<'_, T> {
+            self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+        }
+    }
+}
+
+/// Exponential backoff for spin loops: a few rounds of `spin_loop` hints that
+/// double each time, then `yield_now` so an oversubscribed machine (more
+/// runnable threads than cores) lets the lock holder run. This is
+/// parking_lot_core's `SpinWait` policy; usearch's un-backed-off busy wait is
+/// what it avoids.
+#[derive(Debug, Default)]
+pub(crate) struct Backoff {
+    step: u32,
+}
+
+impl Backoff {
+    /// Rounds of pure spinning before the first yield (2^SPIN_LIMIT hints in all).
+    const SPIN_LIMIT: u32 = 6;
+
+    pub(crate) fn new() -> Self {
+        Self { step: 0 }
+    }
+
+    /// Waits a little; call once per failed attempt.
+    pub(crate) fn snooze(&mut self) {
+        #[cfg(loom)]
+        {
+            // loom explores interleavings only at yield points; a spin loop
+            // without one exceeds its branch limit.
+            loom::thread::yield_now();
+        }
+        #[cfg(not(loom))]
+        {
+            if self.step < Self::SPIN_LIMIT {
+                for _ in 0..(1u32 << self.step) {
+                    std::hint::spin_loop();
+                }
+                self.step += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}

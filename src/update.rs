@@ -1,0 +1,130 @@
+//! In-place update and removal.
+//!
+//! ```text
+//!  update(key, v')
+//!   ├─ write v' into a private cell
+//!   ├─ swap the slot's cell word (entry lock)   ◄─ atomic to every reader:
+//!   │                                              old vector or new, never torn
+//!   ├─ retire the old cell (recycled after the epoch grace period)
+//!   ├─ repair: each old neighbour n re-selects its list from
+//!   │          (n's list ∪ the node's old list) by the heuristic
+//!   └─ connect: search from the entry point, write the node's lists,
+//!               add reverse links (as an insert does)
+//! ```
+//!
+//! This is hnswlib's `updatePoint` (repair the one-hop neighbourhood from
+//! two-hop candidates) plus `repairConnectionsForUpdate` (relink the node
+//! itself), with one addition: the node also gets *reverse* links at its new
+//! position. hnswlib relinks only the node's forward lists, so a vector that
+//! moves far is reachable only through stale in-links near its old position;
+//! the reverse links make it findable where it now is, which is what keeps
+//! recall from decaying under repeated updates.
+//!
+//! Removal marks the slot as a tombstone: the entry leaves results at once,
+//! its vector and lists keep bridging the graph, and the slot is reused by the
+//! next insert, which relinks it like an update.
+
+use crossbeam_epoch::Guard;
+
+use crate::error::{Error, Result};
+use crate::graph::{NO_CELL, TOMBSTONE};
+use crate::index::Index;
+use crate::sync::Ordering;
+
+impl Index {
+    /// Replaces `key`'s vector in place and relinks its neighbourhood.
+    ///
+    /// Readers see the old vector or the new one, never a mix; the entry is
+    /// never missing from the index during the update.
+    ///
+    /// ```
+    /// use nann::{Index, IndexParams, Metric};
+    /// let index = Index::new(IndexParams::new(1, Metric::L2))?;
+    /// for key in 0..50u64 {
+    ///     index.insert(key, &[key as f32])?;
+    /// }
+    /// index.update(7, &[100.0])?;
+    /// assert_eq!(index.search(&[99.0], 1, 16)?[0].key, 7);
+    /// assert!(index.update(1000, &[0.0]).is_err());
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn update(&self, key: u64, vector: &[f32]) -> Result<()> {
+        let vector = self.prepare(vector)?;
+        let _op = self.op_lock(key).lock();
+        let _gate = self.writer_gate.read();
+        let slot = self.slot_of(key).ok_or(Error::KeyNotFound(key))?;
+        let cell = self.graph.vectors.allocate(key, &vector)?;
+        let guard = self.pin();
+        let old = match self.graph.lock_node(slot) {
+            Some(node) => self.graph.publish_cell(&node, cell),
+            None => NO_CELL,
+        };
+        if old != NO_CELL {
+            self.graph.vectors.retire(old & !TOMBSTONE, &guard);
+        }
+        self.relink(slot, &guard);
+        Ok(())
+    }
+
+    /// Removes `key`: it is absent from every search that starts after this
+    /// returns, and its slot is reused by a later insert.
+    ///
+    /// ```
+    /// use nann::{Error, Index, IndexParams, Metric};
+    /// let index = Index::new(IndexParams::new(1, Metric::L2))?;
+    /// index.insert(1, &[1.0])?;
+    /// index.insert(2, &[2.0])?;
+    /// index.remove(1)?;
+    /// assert_eq!(index.search(&[1.0], 5, 16)?.len(), 1);
+    /// assert_eq!(index.remove(1), Err(Error::KeyNotFound(1)));
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn remove(&self, key: u64) -> Result<()> {
+        let _op = self.op_lock(key).lock();
+        let _gate = self.writer_gate.read();
+        let slot = self
+            .keys
+            .remove(key, |s| self.key_at(s))
+            .ok_or(Error::KeyNotFound(key))?;
+        if let Some(node) = self.graph.lock_node(slot) {
+            self.graph.set_tombstone(&node);
+        }
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        self.free_slots.lock().push(slot);
+        Ok(())
+    }
+
+    /// Repairs the old neighbourhood of `slot` after its vector changed, then
+    /// links it at its new position.
+    pub(crate) fn relink(&self, slot: u32, guard: &Guard) {
+        let level = self.graph.level(slot);
+        self.repair_neighbourhood(slot, level, guard);
+        self.connect(slot, level, guard);
+    }
+
+    /// Each old neighbour re-selects its list from its own list plus the
+    /// moved node's old neighbours (its two-hop candidates), by the heuristic.
+    /// The moved node stays a candidate, at its new position: after a small
+    /// move it is usually kept.
+    fn repair_neighbourhood(&self, slot: u32, level: usize, guard: &Guard) {
+        let mut old_neighbours = Vec::new();
+        let mut list = Vec::new();
+        for layer in 0..=level {
+            self.graph.read_links(slot, layer, &mut old_neighbours);
+            for &n in &old_neighbours {
+                let Some(node) = self.graph.lock_node(n) else {
+                    continue;
+                };
+                self.graph.read_links_locked(&node, layer, &mut list);
+                if !list.contains(&slot) {
+                    continue;
+                }
+                list.extend(old_neighbours.iter().copied().filter(|&o| o != n));
+                list.sort_unstable();
+                list.dedup();
+                let selected = self.reselect(n, &list, self.graph.max_degree(layer), guard);
+                self.graph.write_links(&node, layer, &selected);
+            }
+        }
+    }
+}
