@@ -207,6 +207,14 @@ impl Graph {
         out.extend(ids[..n].iter().map(|id| id.load(Ordering::Relaxed)));
     }
 
+    /// Hints the CPU to fetch `slot`'s level-0 record (lock, degree, ids).
+    #[inline]
+    pub(crate) fn prefetch_links(&self, slot: u32) {
+        if let Some(record) = self.level0.get(slot as usize) {
+            crate::storage::prefetch_lines(record.as_ptr() as *const u8, record.len() * 4);
+        }
+    }
+
     /// A consistent snapshot of `slot`'s neighbours on `layer`, taken
     /// optimistically (no shared write). Returns `false` if the node has no
     /// list on that layer.
@@ -261,7 +269,13 @@ impl Graph {
     /// under which the cell word was loaded (see `VectorArena::read`).
     #[inline]
     pub(crate) fn vector<'g>(&'g self, slot: u32, guard: &'g Guard) -> Option<VectorRef<'g>> {
-        let word = self.cell_word(slot);
+        self.vector_of_word(self.cell_word(slot), guard)
+    }
+
+    /// The vector named by a cell word that was loaded (by `cell_word`)
+    /// under `guard`.
+    #[inline]
+    pub(crate) fn vector_of_word<'g>(&'g self, word: u32, guard: &'g Guard) -> Option<VectorRef<'g>> {
         if word == NO_CELL {
             return None;
         }
@@ -271,15 +285,6 @@ impl Graph {
             tombstoned: word & TOMBSTONE != 0,
             vector: self.vectors.read(cell, guard)?,
         })
-    }
-
-    /// Prefetches the vector of `slot` (for the search loop).
-    #[inline]
-    pub(crate) fn prefetch_vector(&self, slot: u32) {
-        let word = self.cell_word(slot);
-        if word != NO_CELL {
-            self.vectors.prefetch(word & !TOMBSTONE);
-        }
     }
 
     /// Publishes `cell` as `slot`'s vector (clearing any tombstone) and

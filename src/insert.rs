@@ -253,7 +253,7 @@ impl Index {
                 guard,
                 // Removed nodes may be linked: they keep their vectors and
                 // bridge the graph until their slot is reused (then relinked).
-                &mut |s, _| s != slot,
+                |s, _: &_| s != slot,
                 &mut Budget::unlimited(),
             );
             let mut found: Vec<Scored> = scratch.results.drain().collect();

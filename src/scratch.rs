@@ -87,8 +87,8 @@ pub(crate) struct Scratch {
     pub(crate) results: BinaryHeap<Scored>,
     /// A copied neighbour list.
     pub(crate) links: Vec<u32>,
-    /// Unvisited neighbours of the node being expanded.
-    pub(crate) fresh: Vec<u32>,
+    /// Unvisited neighbours of the node being expanded, with their cell words.
+    pub(crate) fresh: Vec<(u32, u32)>,
     /// The prepared (normalised) query.
     pub(crate) query: Vec<f32>,
 }

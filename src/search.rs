@@ -23,7 +23,7 @@ use std::cmp::Reverse;
 use crossbeam_epoch::Guard;
 
 use crate::error::Result;
-use crate::graph::VectorRef;
+use crate::graph::{VectorRef, NO_CELL, TOMBSTONE};
 use crate::index::{Hit, Index};
 use crate::scratch::{Scored, Scratch};
 use crate::sync::Ordering;
@@ -107,7 +107,7 @@ impl Index {
         ef: usize,
         scratch: &mut Scratch,
         guard: &Guard,
-        accept: &mut dyn FnMut(u32, &VectorRef<'_>) -> bool,
+        mut accept: impl FnMut(u32, &VectorRef<'_>) -> bool,
         budget: &mut Budget,
     ) -> bool {
         let ef = ef.max(1);
@@ -145,15 +145,20 @@ impl Index {
                 break;
             }
             self.graph.read_links(current.slot, layer, links);
+            // Collect unvisited neighbours with their cell words and start
+            // fetching their vectors, then score them: the loads overlap.
             fresh.clear();
             for &n in links.iter() {
                 if visited.insert(n) {
-                    self.graph.prefetch_vector(n);
-                    fresh.push(n);
+                    let word = self.graph.cell_word(n);
+                    if word != NO_CELL {
+                        self.graph.vectors.prefetch(word & !TOMBSTONE);
+                        fresh.push((n, word));
+                    }
                 }
             }
-            for &n in fresh.iter() {
-                let Some(v) = self.graph.vector(n, guard) else {
+            for &(n, word) in fresh.iter() {
+                let Some(v) = self.graph.vector_of_word(word, guard) else {
                     continue;
                 };
                 budget.spent += 1;
@@ -172,6 +177,13 @@ impl Index {
                             results.pop();
                         }
                     }
+                }
+            }
+            if layer == 0 {
+                // The next expansion reads the best candidate's list: start
+                // fetching it now (hnswlib does the same).
+                if let Some(Reverse(next)) = candidates.peek() {
+                    self.graph.prefetch_links(next.slot);
                 }
             }
             if budget.exhausted() {
@@ -242,7 +254,7 @@ impl Index {
                 ef.max(k),
                 &mut scratch,
                 &guard,
-                &mut |_, v| !v.tombstoned,
+                |_, v: &VectorRef<'_>| !v.tombstoned,
                 &mut Budget::unlimited(),
             );
             let hits = self.take_hits(&mut scratch, k);
@@ -316,7 +328,7 @@ impl Index {
             ef,
             &mut scratch,
             &guard,
-            &mut |_, v| !v.tombstoned && filter(self.graph.vectors.key(v.cell)),
+            |_, v: &VectorRef<'_>| !v.tombstoned && filter(self.graph.vectors.key(v.cell)),
             &mut budget,
         );
         let hits = self.take_hits(&mut scratch, k);
