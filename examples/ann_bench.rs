@@ -60,18 +60,28 @@ fn parse() -> Result<Args, String> {
             continue;
         }
         let value = raw.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let number = |v: &str| v.parse::<usize>().map_err(|_| format!("{flag}: '{v}' is not a number"));
+        let number = |v: &str| {
+            v.parse::<usize>()
+                .map_err(|_| format!("{flag}: '{v}' is not a number"))
+        };
         match flag.as_str() {
             "--base" => base = Some(PathBuf::from(value)),
             "--query" => query = Some(PathBuf::from(value)),
             "--gt" => gt = Some(PathBuf::from(value)),
-            "--metric" => args.metric = Metric::parse(&value).ok_or(format!("--metric: unknown '{value}' (l2|ip|cos)"))?,
+            "--metric" => {
+                args.metric = Metric::parse(&value)
+                    .ok_or(format!("--metric: unknown '{value}' (l2|ip|cos)"))?
+            }
             "--k" => args.k = number(&value)?,
             "--m" => args.m = number(&value)?,
             "--ef-construction" => args.ef_construction = number(&value)?,
             "--ef" => args.efs = value.split(',').map(number).collect::<Result<_, _>>()?,
             "--threads" => args.threads = number(&value)?,
-            "--min-seconds" => args.min_seconds = value.parse().map_err(|_| "--min-seconds: not a number".to_string())?,
+            "--min-seconds" => {
+                args.min_seconds = value
+                    .parse()
+                    .map_err(|_| "--min-seconds: not a number".to_string())?
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -94,10 +104,16 @@ fn run(args: Args) -> Result<(), String> {
     let queries = support::read_fvecs(&args.query).map_err(|e| e.to_string())?;
     let (gt_k, gt) = support::read_ivecs(&args.gt).map_err(|e| e.to_string())?;
     if queries.dim != base.dim {
-        return Err(format!("query dim {} != base dim {}", queries.dim, base.dim));
+        return Err(format!(
+            "query dim {} != base dim {}",
+            queries.dim, base.dim
+        ));
     }
     if gt_k < args.k || gt.len() / gt_k.max(1) < queries.len() {
-        return Err(format!("ground truth has {gt_k} ids per query for k = {}", args.k));
+        return Err(format!(
+            "ground truth has {gt_k} ids per query for k = {}",
+            args.k
+        ));
     }
     let params = IndexParams::new(base.dim, args.metric)
         .m(args.m)
@@ -107,7 +123,9 @@ fn run(args: Args) -> Result<(), String> {
     let keys: Vec<u64> = (0..base.len() as u64).collect();
     let rows = base.rows();
     let start = Instant::now();
-    index.insert_many(&keys, &rows, args.threads, |_| {}).map_err(|e| e.to_string())?;
+    index
+        .insert_many(&keys, &rows, args.threads, |_| {})
+        .map_err(|e| e.to_string())?;
     let build_s = start.elapsed().as_secs_f64();
 
     if args.json {
@@ -124,7 +142,10 @@ fn run(args: Args) -> Result<(), String> {
             args.threads,
             index.distance().isa()
         );
-        println!("{:>6} {:>8} {:>12} {:>10} {:>10}", "ef", "recall", "qps", "p50_us", "p99_us");
+        println!(
+            "{:>6} {:>8} {:>12} {:>10} {:>10}",
+            "ef", "recall", "qps", "p50_us", "p99_us"
+        );
     }
 
     let query_rows = queries.rows();

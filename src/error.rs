@@ -15,7 +15,9 @@ pub enum Error {
         actual: usize,
     },
     /// A vector holds NaN or an infinity, which would poison every distance.
-    #[error("vector component {position} is {value}; only finite values can be indexed or searched")]
+    #[error(
+        "vector component {position} is {value}; only finite values can be indexed or searched"
+    )]
     NonFiniteValue {
         /// Index of the first offending component.
         position: usize,
@@ -137,6 +139,15 @@ pub enum InvariantViolation {
         unreachable: usize,
         /// One of them.
         example: u32,
+    },
+    /// I12: a node's anchor (the in-edge pruning must keep) is missing or
+    /// does not link it; the anchor tree is what guarantees I9.
+    #[error("slot {slot}: anchor invariant broken: {reason}")]
+    Anchor {
+        /// The node.
+        slot: u32,
+        /// What is wrong.
+        reason: String,
     },
     /// I11: a stored vector holds a non-finite value.
     #[error("slot {slot}: stored vector holds a non-finite value")]

@@ -4,17 +4,20 @@
 //!
 //! ```text
 //!  level0 (Chunked<AtomicU32>, one record per slot, stride 2 + M0 words)
-//!  ┌──────────┬────────┬───────────────────────────────┐
-//!  │ lock u32 │ degree │ neighbour ids (M0 slots)       │   slot 0
-//!  ├──────────┼────────┼───────────────────────────────┤
-//!  │ lock u32 │ degree │ ...                            │   slot 1
-//!  └──────────┴────────┴───────────────────────────────┘
+//!  ┌──────────┬─────────────────┬──────────────────────────┐
+//!  │ lock u32 │ upper:23 deg:9  │ neighbour ids (M0 slots)  │   slot 0
+//!  ├──────────┼─────────────────┼──────────────────────────┤
+//!  │ lock u32 │ upper:23 deg:9  │ ...                       │   slot 1
+//!  └──────────┴────────┬────────┴──────────────────────────┘
+//!                      └─ 0 for a level-0 node, else 1 + i: upper_nodes[i]
+//!                         ─► [deg][M ids] for each layer 1..=level (~1/M of nodes)
 //!
-//!  cells (Chunked<AtomicU32>, 4 B per slot)   upper (Chunked<AtomicPtr>, 8 B per slot)
-//!  ┌──────────────────────────┐              ┌──────────────┐
-//!  │ T │ cell id (31 bits)     │ ──┐          │ null (lvl 0) │   levels >= 1 point to
-//!  └──────────────────────────┘   │          │ ptr ─────────┼─► [deg][M ids] per layer
-//!     T = tombstone               │          └──────────────┘
+//!  anchors (Chunked<AtomicU32>, 4 B per slot): the in-edge that is never pruned
+//!  cells (Chunked<AtomicU32>, 4 B per slot)
+//!  ┌──────────────────────────┐
+//!  │ T │ cell id (31 bits)     │ ──┐
+//!  └──────────────────────────┘   │
+//!     T = tombstone               │
 //!                                 ▼
 //!  VectorArena: cells of dim f32 + key, immutable once published (storage.rs)
 //! ```
@@ -40,6 +43,16 @@
 //! * **Entry point and max level** are one `AtomicU64` (`level << 32 | slot`),
 //!   read with `Acquire`, written with `Release` under the index's promotion
 //!   mutex: a reader can never pair a new entry point with an old level.
+//! * **Anchors keep every node reachable.** The HNSW pruning heuristic can
+//!   drop a node's last in-edge (hnswlib #522's "isolated islands"). Each node
+//!   therefore has an *anchor*: one layer-0 in-edge that pruning never
+//!   removes. A new node's anchor is the first neighbour that accepts its
+//!   reverse link; the anchor edges form a tree rooted at the entry point
+//!   (a promoted entry point adopts the old one). Every other edge can be
+//!   pruned freely without disconnecting anything, so every node stays
+//!   reachable on layer 0 by construction; `check_invariants` verifies it.
+//!   Re-anchoring (after an update moves a node) refuses any anchor inside
+//!   the node's own subtree, so the tree never gains a cycle.
 //! * **Publication order** (usearch #735): a new node's lists are written
 //!   (forward links) before any other node links to it (reverse links), and
 //!   its cell is published before either; see `insert.rs`.
@@ -55,8 +68,17 @@ use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 pub(crate) const TOMBSTONE: u32 = 1 << 31;
 /// Cell word of a slot that has never been published.
 pub(crate) const NO_CELL: u32 = u32::MAX;
+/// Anchor of a node not yet linked into the graph.
+pub(crate) const UNANCHORED: u32 = u32::MAX;
+/// Anchor of the root of the anchor tree (the entry point).
+pub(crate) const ROOT: u32 = u32::MAX - 1;
 /// Entry word of an empty graph.
 const NO_ENTRY: u64 = u64::MAX;
+/// Bits of a list's degree word that hold the degree; on layer 0 the other
+/// 23 bits hold the node's upper-layer index (so M0 <= 511, i.e. M <= 255,
+/// and at most 2^23 - 1 nodes can have upper layers: ~134M entries at M 16).
+pub(crate) const DEGREE_BITS: u32 = 9;
+const DEGREE_MASK: u32 = (1 << DEGREE_BITS) - 1;
 /// Highest level a node can get (levels are drawn with mean 1/ln M, so level
 /// 16 is reached with probability ~M^-16: never, in practice).
 pub(crate) const MAX_LEVEL: usize = 16;
@@ -76,6 +98,13 @@ pub(crate) struct NodeGuard<'a> {
     _lock: EntryWriteGuard<'a>,
 }
 
+impl NodeGuard<'_> {
+    /// The locked slot.
+    pub(crate) fn slot(&self) -> u32 {
+        self.slot
+    }
+}
+
 /// A consistent copy of a cell word plus the vector it names.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct VectorRef<'g> {
@@ -88,8 +117,12 @@ pub(crate) struct Graph {
     m: usize,
     m0: usize,
     level0: Chunked<AtomicU32>,
-    upper: Chunked<AtomicPtr<UpperLinks>>,
+    /// The upper-layer blocks of the ~1/M nodes that have levels >= 1.
+    upper_nodes: Chunked<AtomicPtr<UpperLinks>>,
+    upper_count: AtomicU32,
     cells: Chunked<AtomicU32>,
+    /// Layer-0 anchor of each slot (see the module docs).
+    anchors: Chunked<AtomicU32>,
     entry: AtomicU64,
     pub(crate) vectors: VectorArena,
 }
@@ -112,8 +145,15 @@ impl Graph {
             m,
             m0,
             level0: Chunked::new(capacity, 2 + m0, || AtomicU32::new(0))?,
-            upper: Chunked::new(capacity, 1, || AtomicPtr::new(std::ptr::null_mut()))?,
+            // n/M upper nodes are expected; 4 standard deviations of room.
+            upper_nodes: Chunked::new(
+                capacity / m + 4 * ((capacity / m) as f64).sqrt() as usize + 16,
+                1,
+                || AtomicPtr::new(std::ptr::null_mut()),
+            )?,
+            upper_count: AtomicU32::new(0),
             cells: Chunked::new(capacity, 1, || AtomicU32::new(NO_CELL))?,
+            anchors: Chunked::new(capacity, 1, || AtomicU32::new(UNANCHORED))?,
             entry: AtomicU64::new(NO_ENTRY),
             vectors: VectorArena::new(dim, capacity)?,
         })
@@ -133,8 +173,8 @@ impl Graph {
     pub(crate) fn slot_capacity(&self) -> usize {
         self.level0
             .capacity()
-            .min(self.upper.capacity())
             .min(self.cells.capacity())
+            .min(self.anchors.capacity())
     }
 
     /// Grows every per-slot array to hold `slots` slots; never moves memory.
@@ -145,8 +185,28 @@ impl Graph {
             });
         }
         self.level0.reserve(slots)?;
-        self.upper.reserve(slots)?;
-        self.cells.reserve(slots)
+        self.cells.reserve(slots)?;
+        self.anchors.reserve(slots)
+    }
+
+    /// The anchor of `slot`: the node whose layer-0 list holds the edge to
+    /// `slot` that pruning must keep, or `ROOT` / `UNANCHORED`.
+    #[inline]
+    pub(crate) fn anchor(&self, slot: u32) -> u32 {
+        // Acquire: pairs with `set_anchor`; a pruner that sees a new anchor
+        // also sees the edge from it (written before, under its lock).
+        self.anchors
+            .get(slot as usize)
+            .map_or(UNANCHORED, |a| a[0].load(Ordering::Acquire))
+    }
+
+    /// Sets `slot`'s anchor. Callers hold the new anchor's entry lock (or
+    /// the index's anchor lock, for the root); see `insert.rs`.
+    pub(crate) fn set_anchor(&self, slot: u32, anchor: u32) {
+        if let Some(a) = self.anchors.get(slot as usize) {
+            // Release: see `anchor`.
+            a[0].store(anchor, Ordering::Release);
+        }
     }
 
     #[inline]
@@ -171,9 +231,13 @@ impl Graph {
     }
 
     fn upper_links(&self, slot: u32) -> Option<&UpperLinks> {
-        // Acquire: pairs with the Release in `init_node`, so the block's
-        // contents are visible.
-        let ptr = self.upper.get(slot as usize)?[0].load(Ordering::Acquire);
+        // Acquire (both loads): pair with the Release stores in `init_node`,
+        // so the block and its contents are visible.
+        let index = self.level0.get(slot as usize)?[1].load(Ordering::Acquire) >> DEGREE_BITS;
+        if index == 0 {
+            return None;
+        }
+        let ptr = self.upper_nodes.get(index as usize - 1)?[0].load(Ordering::Acquire);
         // SAFETY: a non-null pointer was produced by `Box::into_raw` in
         // `init_node`, is never replaced or freed while the graph lives (slot
         // reuse keeps the level), and is freed only in `Drop`, which needs
@@ -203,7 +267,7 @@ impl Graph {
         out.clear();
         // Relaxed: validated (or lock-protected) by the caller; a torn value is
         // at worst a stale id or a bounded degree, never out of bounds.
-        let n = (degree.load(Ordering::Relaxed) as usize).min(ids.len());
+        let n = ((degree.load(Ordering::Relaxed) & DEGREE_MASK) as usize).min(ids.len());
         out.extend(ids[..n].iter().map(|id| id.load(Ordering::Relaxed)));
     }
 
@@ -234,7 +298,12 @@ impl Graph {
     }
 
     /// `slot`'s neighbours on `layer`, read under the caller's exclusive hold.
-    pub(crate) fn read_links_locked(&self, guard: &NodeGuard<'_>, layer: usize, out: &mut Vec<u32>) {
+    pub(crate) fn read_links_locked(
+        &self,
+        guard: &NodeGuard<'_>,
+        layer: usize,
+        out: &mut Vec<u32>,
+    ) {
         match self.list(guard.slot, layer) {
             Some((degree, ids)) => self.copy_list(degree, ids, out),
             None => out.clear(),
@@ -252,7 +321,12 @@ impl Graph {
         for (dst, &id) in ids.iter().zip(&new_ids[..n]) {
             dst.store(id, Ordering::Relaxed);
         }
-        degree.store(n as u32, Ordering::Relaxed);
+        // Release (not Relaxed): on layer 0 this word also carries the
+        // upper-layer index, which `upper_links` reads with Acquire; Release
+        // keeps "saw the index => sees its block" true through every rewrite.
+        // Only the lock holder writes the word, so load-then-store is exact.
+        let upper = degree.load(Ordering::Relaxed) & !DEGREE_MASK;
+        degree.store(upper | n as u32, Ordering::Release);
     }
 
     /// The raw cell word of `slot` (cell id, tombstone bit, or `NO_CELL`).
@@ -275,7 +349,11 @@ impl Graph {
     /// The vector named by a cell word that was loaded (by `cell_word`)
     /// under `guard`.
     #[inline]
-    pub(crate) fn vector_of_word<'g>(&'g self, word: u32, guard: &'g Guard) -> Option<VectorRef<'g>> {
+    pub(crate) fn vector_of_word<'g>(
+        &'g self,
+        word: u32,
+        guard: &'g Guard,
+    ) -> Option<VectorRef<'g>> {
         if word == NO_CELL {
             return None;
         }
@@ -312,17 +390,33 @@ impl Graph {
     /// lists. Must run before the slot is published anywhere.
     pub(crate) fn init_node(&self, guard: &NodeGuard<'_>, level: usize) -> Result<()> {
         let level = level.min(MAX_LEVEL);
-        let upper_slot = self
-            .upper
+        let meta = &self
+            .level0
             .get(guard.slot as usize)
             .ok_or(Error::CapacityExceeded {
                 limit: self.slot_capacity(),
-            })?;
-        if level > 0 && upper_slot[0].load(Ordering::Acquire).is_null() {
-            let words = (0..level * (1 + self.m)).map(|_| AtomicU32::new(0)).collect();
+            })?[1];
+        if level > 0 && meta.load(Ordering::Acquire) >> DEGREE_BITS == 0 {
+            // Relaxed: the counter only hands out distinct indices.
+            let index = self.upper_count.fetch_add(1, Ordering::Relaxed) as usize;
+            if index + 1 >= 1 << (32 - DEGREE_BITS) {
+                return Err(Error::CapacityExceeded {
+                    limit: (1 << (32 - DEGREE_BITS)) * self.m,
+                });
+            }
+            self.upper_nodes.reserve(index + 1)?;
+            let words = (0..level * (1 + self.m))
+                .map(|_| AtomicU32::new(0))
+                .collect();
             let block = Box::into_raw(Box::new(UpperLinks { level, words }));
-            // Release: publish the initialised block to `upper_links`' Acquire.
-            upper_slot[0].store(block, Ordering::Release);
+            let cell = self
+                .upper_nodes
+                .get(index)
+                .ok_or(Error::OutOfMemory { bytes: 0 })?;
+            // Release (both stores): publish the initialised block to
+            // `upper_links`' Acquire loads.
+            cell[0].store(block, Ordering::Release);
+            meta.store(((index as u32) + 1) << DEGREE_BITS, Ordering::Release);
         }
         self.write_links(guard, 0, &[]);
         Ok(())
@@ -345,18 +439,27 @@ impl Graph {
             .store(((level as u64) << 32) | slot as u64, Ordering::Release);
     }
 
-    /// Bytes held by lists (level 0 and upper layers).
-    pub(crate) fn link_bytes(&self, slots: usize) -> usize {
-        let upper: usize = (0..slots as u32)
-            .filter_map(|s| self.upper_links(s))
+    /// Bytes held by neighbour lists: degree words and ids, level 0 and upper
+    /// layers (the lock word of each level-0 record is counted as fixed state).
+    pub(crate) fn link_bytes(&self) -> usize {
+        let upper: usize = (0..self.upper_count.load(Ordering::Relaxed) as usize)
+            .filter_map(|i| self.upper_nodes.get(i))
+            .filter_map(|cell| {
+                // SAFETY: see `upper_links`; blocks live until `Drop`.
+                unsafe { cell[0].load(Ordering::Acquire).as_ref() }
+            })
             .map(|u| std::mem::size_of::<UpperLinks>() + u.words.len() * 4)
             .sum();
-        self.level0.allocated_bytes() + upper
+        self.level0.allocated_bytes() - self.level0.capacity() * 4 + upper
     }
 
-    /// Bytes of the per-slot `cells` and `upper` arrays.
-    pub(crate) fn slot_array_bytes(&self) -> usize {
-        self.cells.allocated_bytes() + self.upper.allocated_bytes()
+    /// Bytes of per-slot state other than lists and vectors: the lock word,
+    /// the cell word and the anchor, plus the table of upper-layer blocks.
+    pub(crate) fn slot_state_bytes(&self) -> usize {
+        self.level0.capacity() * 4
+            + self.cells.allocated_bytes()
+            + self.upper_nodes.allocated_bytes()
+            + self.anchors.allocated_bytes()
     }
 
     /// The raw degree word and the ids it covers (clamped to the list's room),
@@ -366,7 +469,7 @@ impl Graph {
         let (degree, ids) = self.list(slot, layer)?;
         let _shared = lock.read();
         // Relaxed: the shared hold orders these reads after the last writer.
-        let raw = degree.load(Ordering::Relaxed) as usize;
+        let raw = (degree.load(Ordering::Relaxed) & DEGREE_MASK) as usize;
         let mut out = Vec::new();
         self.copy_list(degree, ids, &mut out);
         Some((raw, out))
@@ -376,7 +479,8 @@ impl Graph {
     #[cfg(test)]
     pub(crate) fn corrupt_degree(&self, slot: u32, layer: usize, degree: u32) {
         let (word, _) = self.list(slot, layer).unwrap();
-        word.store(degree, Ordering::Relaxed);
+        let upper = word.load(Ordering::Relaxed) & !DEGREE_MASK;
+        word.store(upper | degree, Ordering::Relaxed);
     }
 
     /// Test hook: overwrite a list without any check, to corrupt a graph.
@@ -387,7 +491,8 @@ impl Graph {
         for (dst, &id) in list.iter().zip(ids) {
             dst.store(id, Ordering::Relaxed);
         }
-        degree.store(ids.len() as u32, Ordering::Relaxed);
+        let upper = degree.load(Ordering::Relaxed) & !DEGREE_MASK;
+        degree.store(upper | ids.len() as u32, Ordering::Relaxed);
         drop(guard);
     }
 
@@ -400,8 +505,8 @@ impl Graph {
 
 impl Drop for Graph {
     fn drop(&mut self) {
-        for slot in 0..self.upper.capacity() {
-            if let Some(cell) = self.upper.get(slot) {
+        for index in 0..self.upper_nodes.capacity() {
+            if let Some(cell) = self.upper_nodes.get(index) {
                 let ptr = cell[0].swap(std::ptr::null_mut(), Ordering::Relaxed);
                 if !ptr.is_null() {
                     // SAFETY: produced by `Box::into_raw` in `init_node` and

@@ -11,7 +11,9 @@
 //!       ├─ promotion            held for a whole insert whose level exceeds the
 //!       │                       max level (hnswlib's `global`), so promotions
 //!       │                       are serial and the new top node is fully linked
-//!       └─ one EntryLock at a time (never two: no lock cycles between writers)
+//!       ├─ anchor_lock          re-anchoring and root changes (see graph.rs)
+//!       └─ one EntryLock at a time (never two: no lock cycles between writers;
+//!                               anchor_lock is taken before, never inside, one)
 //!  key map RwLock, free-slot Mutex, scratch pool Mutex: leaf locks, held briefly
 //! ```
 //!
@@ -42,15 +44,16 @@ pub struct Hit {
     pub distance: f32,
 }
 
-/// Memory held by an index, by purpose.
+/// Memory held by an index, by purpose (bytes allocated, including spare
+/// capacity).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryUsage {
-    /// Vector cells and their keys.
+    /// Vector data: `dim * 4` bytes per cell.
     pub vectors: usize,
-    /// Neighbour lists: the level-0 block (including each entry's lock and
-    /// degree words) and the upper layers.
+    /// Neighbour lists: degree words and ids on every layer.
     pub links: usize,
-    /// Other per-entry state: cell word, upper-layer pointer, key map.
+    /// Everything else per entry: the entry lock, cell word, anchor, the key
+    /// stored with the vector, the key map, and the upper-layer block table.
     pub fixed: usize,
     /// Entries currently live.
     pub live: usize,
@@ -98,6 +101,9 @@ pub struct Index {
     pub(crate) live: AtomicUsize,
     pub(crate) op_locks: Box<[Mutex<()>]>,
     pub(crate) promotion: Mutex<()>,
+    /// Serialises re-anchoring and root changes (anchor-tree edits that could
+    /// otherwise race into a cycle).
+    pub(crate) anchor_lock: Mutex<()>,
     pub(crate) writer_gate: RwLock<()>,
     pub(crate) scratch: ScratchPool,
 }
@@ -136,6 +142,7 @@ impl Index {
             live: AtomicUsize::new(0),
             op_locks: (0..OP_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             promotion: Mutex::new(()),
+            anchor_lock: Mutex::new(()),
             writer_gate: RwLock::new(()),
             scratch: ScratchPool::default(),
             params,
@@ -210,12 +217,24 @@ impl Index {
     }
 
     /// Memory held by the index.
+    ///
+    /// ```
+    /// let index = nann::Index::new(nann::IndexParams::new(16, nann::Metric::L2).capacity(1000))?;
+    /// for key in 0..1000u64 {
+    ///     index.insert(key, &[key as f32; 16])?;
+    /// }
+    /// let usage = index.memory_usage();
+    /// assert!(usage.vectors >= 1000 * 16 * 4);
+    /// assert!(usage.fixed / usage.live <= 40);
+    /// # Ok::<(), nann::Error>(())
+    /// ```
     pub fn memory_usage(&self) -> MemoryUsage {
-        let slots = self.next_slot.load(Ordering::Relaxed);
         MemoryUsage {
-            vectors: self.graph.vectors.allocated_bytes(),
-            links: self.graph.link_bytes(slots),
-            fixed: self.graph.slot_array_bytes() + self.keys.allocated_bytes(),
+            vectors: self.graph.vectors.vector_bytes(),
+            links: self.graph.link_bytes(),
+            fixed: self.graph.slot_state_bytes()
+                + self.graph.vectors.key_bytes()
+                + self.keys.allocated_bytes(),
             live: self.len(),
         }
     }

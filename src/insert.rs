@@ -22,7 +22,7 @@
 use crossbeam_epoch::Guard;
 
 use crate::error::{Error, Result};
-use crate::graph::{NO_CELL, TOMBSTONE};
+use crate::graph::{NodeGuard, NO_CELL, ROOT, TOMBSTONE, UNANCHORED};
 use crate::index::Index;
 use crate::scratch::{Scored, Scratch};
 use crate::search::Budget;
@@ -39,6 +39,7 @@ pub struct Progress {
 }
 
 /// A candidate neighbour with its vector, for the heuristic.
+#[derive(Clone, Copy)]
 struct Candidate<'g> {
     dist: f32,
     slot: u32,
@@ -86,13 +87,16 @@ impl Index {
                 };
                 let level = self.levels.next();
                 {
-                    let node = self.graph.lock_node(slot).ok_or(Error::OutOfMemory { bytes: 0 })?;
+                    let node = self
+                        .graph
+                        .lock_node(slot)
+                        .ok_or(Error::OutOfMemory { bytes: 0 })?;
                     self.graph.init_node(&node, level)?;
                     self.graph.publish_cell(&node, cell);
                 }
                 self.keys.insert(key, slot, |s| self.key_at(s));
                 self.live.fetch_add(1, Ordering::Relaxed);
-                self.connect(slot, level, &guard);
+                self.connect(slot, level, false, &guard);
             }
         }
         Ok(())
@@ -141,7 +145,13 @@ impl Index {
     /// assert_eq!(index.len(), 1000);
     /// # Ok::<(), nann::Error>(())
     /// ```
-    pub fn insert_many<V, P>(&self, keys: &[u64], vectors: &[V], threads: usize, progress: P) -> Result<()>
+    pub fn insert_many<V, P>(
+        &self,
+        keys: &[u64],
+        vectors: &[V],
+        threads: usize,
+        progress: P,
+    ) -> Result<()>
     where
         V: AsRef<[f32]> + Sync,
         P: Fn(Progress) + Sync,
@@ -157,7 +167,8 @@ impl Index {
             self.prepare_into(v.as_ref(), &mut check)?;
         }
         let total = keys.len();
-        self.graph.reserve_slots(self.next_slot.load(Ordering::Relaxed) + total)?;
+        self.graph
+            .reserve_slots(self.next_slot.load(Ordering::Relaxed) + total)?;
         let done = std::sync::atomic::AtomicUsize::new(0);
         let failed = std::sync::atomic::AtomicBool::new(false);
         let step = (total / 100).max(1);
@@ -172,8 +183,11 @@ impl Index {
                 failed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             let finished = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            if finished % step == 0 || finished == total {
-                progress(Progress { done: finished, total });
+            if finished.is_multiple_of(step) || finished == total {
+                progress(Progress {
+                    done: finished,
+                    total,
+                });
             }
             outcome
         });
@@ -181,7 +195,9 @@ impl Index {
     }
 
     /// Links `slot` (whose cell is published) into every layer up to `level`.
-    pub(crate) fn connect(&self, slot: u32, level: usize, guard: &Guard) {
+    /// `relinking` is set for a node that was linked before (update, or a
+    /// reused slot): it keeps its anchored children and may move its anchor.
+    pub(crate) fn connect(&self, slot: u32, level: usize, relinking: bool, guard: &Guard) {
         let mut scratch = self.take_scratch();
         let Some(own) = self.graph.vector(slot, guard) else {
             return;
@@ -200,27 +216,86 @@ impl Index {
             None
         };
         let Some((entry_slot, max_level)) = entry else {
+            let _anchors = self.anchor_lock.lock();
+            self.graph.set_anchor(slot, ROOT);
             self.graph.set_entry(slot, level);
             return;
         };
+        let promoting = level > max_level;
 
-        let plan = self.plan_links(slot, query, entry_slot, max_level, level, &mut scratch, guard);
+        let mut plan = self.plan_links(
+            slot,
+            query,
+            entry_slot,
+            max_level,
+            level,
+            &mut scratch,
+            guard,
+        );
 
         // Phase 1: every forward list, before anyone can reach the node.
         if let Some(node) = self.graph.lock_node(slot) {
-            for (layer, neighbours) in plan.iter().enumerate() {
+            for (layer, neighbours) in plan.iter_mut().enumerate() {
+                if layer == 0 {
+                    // Children anchored here must stay; a promoted node also
+                    // links the old entry point, which it adopts below.
+                    let mut list = self.anchored_children(&node, &mut scratch.links);
+                    if promoting && !list.contains(&entry_slot) {
+                        list.push(entry_slot);
+                    }
+                    let room = self.graph.max_degree(0).saturating_sub(list.len());
+                    list.extend(
+                        neighbours
+                            .iter()
+                            .copied()
+                            .filter(|n| !list.contains(n))
+                            .take(room)
+                            .collect::<Vec<_>>(),
+                    );
+                    *neighbours = list;
+                }
                 self.graph.write_links(&node, layer, neighbours);
             }
         }
-        // Phase 2: reverse links, one neighbour lock at a time.
+        if promoting {
+            // The new node becomes the root of the anchor tree: the old root
+            // hangs below it through the edge written above.
+            let _anchors = self.anchor_lock.lock();
+            self.graph.set_anchor(entry_slot, slot);
+            self.graph.set_anchor(slot, ROOT);
+        }
+
+        // Phase 2: reverse links, one neighbour lock at a time. The first
+        // layer-0 neighbour that accepts a fresh node becomes its anchor.
+        let mut needs_anchor = self.graph.anchor(slot) == UNANCHORED;
         for (layer, neighbours) in plan.iter().enumerate() {
             for &n in neighbours {
-                self.add_reverse_link(n, slot, layer, &mut scratch.links, guard);
+                let claim = layer == 0 && needs_anchor;
+                if self.add_reverse_link(n, slot, layer, claim, &mut scratch.links, guard) && claim
+                {
+                    needs_anchor = false;
+                }
             }
         }
-        if level > max_level {
+        if needs_anchor {
+            self.force_anchor(slot, &plan[0], guard);
+        }
+        if relinking {
+            self.reanchor(slot, &plan[0]);
+        }
+        if promoting {
             self.graph.set_entry(slot, level);
         }
+    }
+
+    /// The layer-0 neighbours of `node` that it anchors (must never be dropped).
+    fn anchored_children(&self, node: &NodeGuard<'_>, buffer: &mut Vec<u32>) -> Vec<u32> {
+        self.graph.read_links_locked(node, 0, buffer);
+        buffer
+            .iter()
+            .copied()
+            .filter(|&c| self.graph.anchor(c) == node.slot())
+            .collect()
     }
 
     /// Searches every layer the node shares with the graph and selects its
@@ -237,7 +312,7 @@ impl Index {
         guard: &Guard,
     ) -> Vec<Vec<u32>> {
         let top = level.min(max_level);
-        let mut plan = vec![Vec::new(); top + 1];
+        let mut plan = vec![Vec::new(); level + 1];
         let Some(start) = self.score(query, entry_slot, guard) else {
             return plan;
         };
@@ -261,7 +336,7 @@ impl Index {
             let candidates = self.with_vectors(&found, guard);
             // hnswlib selects M forward links on every layer (M0 = 2M is room
             // for reverse links on layer 0).
-            plan[layer] = self.select_neighbours(&candidates, self.params.m);
+            plan[layer] = self.select_neighbours(Vec::new(), &candidates, self.params.m);
             if !found.is_empty() {
                 entries = found;
             }
@@ -287,12 +362,17 @@ impl Index {
     /// `getNeighborsByHeuristic2`): walk candidates nearest first and keep one
     /// only if it is closer to the base than to every neighbour kept so far.
     /// This spreads links over directions instead of one dense cluster.
+    /// `kept` starts with the entries that must stay (anchored children);
     /// `candidates` must be sorted by distance to the base.
-    fn select_neighbours(&self, candidates: &[Candidate<'_>], max: usize) -> Vec<u32> {
-        if candidates.len() < max {
-            return candidates.iter().map(|c| c.slot).collect();
+    fn select_neighbours<'g>(
+        &self,
+        mut kept: Vec<Candidate<'g>>,
+        candidates: &[Candidate<'g>],
+        max: usize,
+    ) -> Vec<u32> {
+        if kept.len() + candidates.len() <= max {
+            return kept.iter().chain(candidates).map(|c| c.slot).collect();
         }
-        let mut kept: Vec<&Candidate<'_>> = Vec::with_capacity(max);
         for candidate in candidates {
             if kept.len() >= max {
                 break;
@@ -301,35 +381,58 @@ impl Index {
                 .iter()
                 .all(|k| self.dist(candidate.vector, k.vector) >= candidate.dist);
             if diverse {
-                kept.push(candidate);
+                kept.push(Candidate { ..*candidate });
             }
         }
         kept.iter().map(|c| c.slot).collect()
     }
 
     /// Adds `new` to `neighbour`'s list on `layer`, shrinking the list by the
-    /// heuristic if it is full.
-    pub(crate) fn add_reverse_link(&self, neighbour: u32, new: u32, layer: usize, list: &mut Vec<u32>, guard: &Guard) {
+    /// heuristic if it is full. Returns whether `new` is in the list after;
+    /// with `claim`, `neighbour` then becomes `new`'s anchor (set while its
+    /// lock is held, so no pruner of that list can miss the protection).
+    pub(crate) fn add_reverse_link(
+        &self,
+        neighbour: u32,
+        new: u32,
+        layer: usize,
+        claim: bool,
+        list: &mut Vec<u32>,
+        guard: &Guard,
+    ) -> bool {
         let Some(node) = self.graph.lock_node(neighbour) else {
-            return;
+            return false;
         };
         self.graph.read_links_locked(&node, layer, list);
-        if list.contains(&new) {
-            return;
-        }
-        let max = self.graph.max_degree(layer);
-        if list.len() < max {
+        let linked = if list.contains(&new) {
+            true
+        } else if list.len() < self.graph.max_degree(layer) {
             list.push(new);
             self.graph.write_links(&node, layer, list);
-            return;
+            true
+        } else {
+            list.push(new);
+            let selected =
+                self.reselect(neighbour, list, self.graph.max_degree(layer), layer, guard);
+            self.graph.write_links(&node, layer, &selected);
+            selected.contains(&new)
+        };
+        if linked && claim {
+            self.graph.set_anchor(new, neighbour);
         }
-        list.push(new);
-        let selected = self.reselect(neighbour, list, max, guard);
-        self.graph.write_links(&node, layer, &selected);
+        linked
     }
 
-    /// Re-selects `base`'s neighbours from `ids` by the heuristic.
-    pub(crate) fn reselect(&self, base: u32, ids: &[u32], max: usize, guard: &Guard) -> Vec<u32> {
+    /// Re-selects `base`'s neighbours from `ids` by the heuristic, keeping
+    /// every node `base` anchors (on layer 0).
+    pub(crate) fn reselect(
+        &self,
+        base: u32,
+        ids: &[u32],
+        max: usize,
+        layer: usize,
+        guard: &Guard,
+    ) -> Vec<u32> {
         let Some(base_vector) = self.graph.vector(base, guard) else {
             return ids.iter().copied().take(max).collect();
         };
@@ -340,7 +443,110 @@ impl Index {
             .collect();
         scored.sort_unstable();
         scored.dedup_by_key(|s| s.slot);
-        let candidates = self.with_vectors(&scored, guard);
-        self.select_neighbours(&candidates, max)
+        let (protected, free): (Vec<Scored>, Vec<Scored>) = scored
+            .into_iter()
+            .partition(|s| layer == 0 && self.graph.anchor(s.slot) == base);
+        let kept = self.with_vectors(&protected, guard);
+        let candidates = self.with_vectors(&free, guard);
+        self.select_neighbours(kept, &candidates, max)
     }
+
+    /// Fallback when no neighbour accepted a fresh node's reverse link: link
+    /// it from the nearest node that has room or an unanchored entry to give
+    /// up (one always exists: n - 1 anchor edges, n * M0 list entries).
+    fn force_anchor(&self, slot: u32, preferred: &[u32], guard: &Guard) {
+        let slots = self.next_slot.load(Ordering::Acquire) as u32;
+        let mut list = Vec::new();
+        for n in preferred.iter().copied().chain(0..slots) {
+            if n == slot || matches!(self.graph.anchor(n), UNANCHORED) {
+                continue;
+            }
+            let Some(node) = self.graph.lock_node(n) else {
+                continue;
+            };
+            self.graph.read_links_locked(&node, 0, &mut list);
+            if !list.contains(&slot) {
+                if list.len() >= self.graph.max_degree(0) {
+                    // Replace the farthest entry that `n` does not anchor.
+                    let Some(base) = self.graph.vector(n, guard) else {
+                        continue;
+                    };
+                    let victim = list
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, &c)| self.graph.anchor(c) != n)
+                        .filter_map(|(i, &c)| self.score(base.vector, c, guard).map(|s| (s, i)))
+                        .max_by(|a, b| a.0.cmp(&b.0));
+                    let Some((_, index)) = victim else {
+                        continue;
+                    };
+                    list[index] = slot;
+                } else {
+                    list.push(slot);
+                }
+                self.graph.write_links(&node, 0, &list);
+            }
+            self.graph.set_anchor(slot, n);
+            return;
+        }
+    }
+
+    /// Moves `slot`'s anchor to the first of `candidates` that links it on
+    /// layer 0 and is not in its subtree (after an update moved the node).
+    pub(crate) fn reanchor(&self, slot: u32, candidates: &[u32]) {
+        for &q in candidates {
+            match self.try_anchor_at(slot, q) {
+                AnchorOutcome::Moved | AnchorOutcome::Unchanged => return,
+                AnchorOutcome::Refused => {}
+            }
+        }
+    }
+
+    /// Makes `q` the anchor of `child` if `q` links `child` on layer 0 and is
+    /// not `child`'s descendant in the anchor tree.
+    pub(crate) fn try_anchor_at(&self, child: u32, q: u32) -> AnchorOutcome {
+        let _anchors = self.anchor_lock.lock();
+        let current = self.graph.anchor(child);
+        if current == ROOT || current == UNANCHORED {
+            return AnchorOutcome::Unchanged;
+        }
+        if current == q {
+            return AnchorOutcome::Unchanged;
+        }
+        let Some(node) = self.graph.lock_node(q) else {
+            return AnchorOutcome::Refused;
+        };
+        let mut list = Vec::new();
+        self.graph.read_links_locked(&node, 0, &mut list);
+        if !list.contains(&child) || self.is_descendant(q, child) {
+            return AnchorOutcome::Refused;
+        }
+        self.graph.set_anchor(child, q);
+        AnchorOutcome::Moved
+    }
+
+    /// Whether `node` lies in `ancestor`'s subtree of the anchor tree
+    /// (conservatively `true` if the walk cannot be completed).
+    fn is_descendant(&self, node: u32, ancestor: u32) -> bool {
+        let mut current = node;
+        for _ in 0..1_000_000 {
+            if current == ancestor {
+                return true;
+            }
+            match self.graph.anchor(current) {
+                ROOT => return false,
+                UNANCHORED => return true,
+                parent => current = parent,
+            }
+        }
+        true
+    }
+}
+
+/// What `try_anchor_at` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AnchorOutcome {
+    Moved,
+    Unchanged,
+    Refused,
 }

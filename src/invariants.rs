@@ -14,11 +14,12 @@
 //! | I8 | removed slots are not in the key map (part of I7's check) |
 //! | I9 | every live node is reachable from the entry point on layer 0 |
 //! | I11 | every stored vector is finite |
+//! | I12 | the entry point is the anchor tree's root; every other node's anchor links it on layer 0 |
 //!
 //! (I10, "in-degree >= 1", is implied by I9 for every node but the entry.)
 
 use crate::error::InvariantViolation;
-use crate::graph::{NO_CELL, TOMBSTONE};
+use crate::graph::{NO_CELL, ROOT, TOMBSTONE, UNANCHORED};
 use crate::index::Index;
 use crate::sync::Ordering;
 
@@ -71,23 +72,42 @@ impl Index {
                 };
                 let max = self.graph.max_degree(layer);
                 if degree > max {
-                    return Err(InvariantViolation::DegreeTooHigh { slot, layer, degree, max });
+                    return Err(InvariantViolation::DegreeTooHigh {
+                        slot,
+                        layer,
+                        degree,
+                        max,
+                    });
                 }
                 let mut seen = ids.clone();
                 seen.sort_unstable();
                 if let Some(pair) = seen.windows(2).find(|w| w[0] == w[1]) {
-                    return Err(InvariantViolation::DuplicateNeighbour { slot, layer, neighbour: pair[0] });
+                    return Err(InvariantViolation::DuplicateNeighbour {
+                        slot,
+                        layer,
+                        neighbour: pair[0],
+                    });
                 }
                 for &n in &ids {
                     if n >= slots || self.graph.cell_word(n) == NO_CELL {
-                        return Err(InvariantViolation::NeighbourOutOfRange { slot, layer, neighbour: n, slots });
+                        return Err(InvariantViolation::NeighbourOutOfRange {
+                            slot,
+                            layer,
+                            neighbour: n,
+                            slots,
+                        });
                     }
                     if n == slot {
                         return Err(InvariantViolation::SelfLoop { slot, layer });
                     }
                     let n_level = self.graph.level(n);
                     if n_level < layer {
-                        return Err(InvariantViolation::AboveLevel { slot: n, level: n_level, from: slot, layer });
+                        return Err(InvariantViolation::AboveLevel {
+                            slot: n,
+                            level: n_level,
+                            from: slot,
+                            layer,
+                        });
                     }
                 }
             }
@@ -148,16 +168,20 @@ impl Index {
         }
         if self.len() != live_slots.len() {
             return Err(InvariantViolation::KeyMap {
-                reason: format!("len() is {} but {} slots are live", self.len(), live_slots.len()),
+                reason: format!(
+                    "len() is {} but {} slots are live",
+                    self.len(),
+                    live_slots.len()
+                ),
             });
         }
 
         // I9: BFS over layer 0 from the entry point, through tombstones.
+        let mut list = Vec::new();
         if let Some((entry_slot, _)) = entry {
             let mut reached = vec![false; slots as usize];
             let mut queue = std::collections::VecDeque::from([entry_slot]);
             reached[entry_slot as usize] = true;
-            let mut list = Vec::new();
             while let Some(s) = queue.pop_front() {
                 self.graph.read_links(s, 0, &mut list);
                 for &n in &list {
@@ -169,7 +193,11 @@ impl Index {
                     }
                 }
             }
-            let unreachable: Vec<u32> = live_slots.iter().copied().filter(|&s| !reached[s as usize]).collect();
+            let unreachable: Vec<u32> = live_slots
+                .iter()
+                .copied()
+                .filter(|&s| !reached[s as usize])
+                .collect();
             if let Some(&example) = unreachable.first() {
                 return Err(InvariantViolation::Unreachable {
                     unreachable: unreachable.len(),
@@ -177,6 +205,29 @@ impl Index {
                 });
             }
         }
+        // I12: the anchor tree.
+        for slot in 0..slots {
+            if self.graph.cell_word(slot) == NO_CELL {
+                continue;
+            }
+            let anchor = self.graph.anchor(slot);
+            let is_entry = entry.is_some_and(|(e, _)| e == slot);
+            let reason = match anchor {
+                ROOT if is_entry => None,
+                ROOT => Some("a root that is not the entry point".to_string()),
+                UNANCHORED => Some("no anchor".to_string()),
+                _ if is_entry => Some(format!("the entry point has anchor {anchor}")),
+                parent => {
+                    self.graph.read_links(parent, 0, &mut list);
+                    (!list.contains(&slot))
+                        .then(|| format!("anchor {parent} does not link it on layer 0"))
+                }
+            };
+            if let Some(reason) = reason {
+                return Err(InvariantViolation::Anchor { slot, reason });
+            }
+        }
+
         Ok(())
     }
 }
@@ -198,35 +249,49 @@ mod tests {
     }
 
     fn node_at_level(index: &Index, level: usize) -> u32 {
-        (0..300).find(|&s| index.graph.level(s) == level).expect("a node at that level")
+        (0..300)
+            .find(|&s| index.graph.level(s) == level)
+            .expect("a node at that level")
     }
 
     #[test]
     fn i1_out_of_range_neighbour_is_caught() {
         let index = small_index();
         index.graph.corrupt_links(5, 0, &[100_000]);
-        assert!(matches!(index.check_invariants(), Err(InvariantViolation::NeighbourOutOfRange { .. })));
+        assert!(matches!(
+            index.check_invariants(),
+            Err(InvariantViolation::NeighbourOutOfRange { .. })
+        ));
     }
 
     #[test]
     fn i2_self_loop_is_caught() {
         let index = small_index();
         index.graph.corrupt_links(5, 0, &[5]);
-        assert!(matches!(index.check_invariants(), Err(InvariantViolation::SelfLoop { .. })));
+        assert!(matches!(
+            index.check_invariants(),
+            Err(InvariantViolation::SelfLoop { .. })
+        ));
     }
 
     #[test]
     fn i3_duplicate_neighbour_is_caught() {
         let index = small_index();
         index.graph.corrupt_links(5, 0, &[6, 6]);
-        assert!(matches!(index.check_invariants(), Err(InvariantViolation::DuplicateNeighbour { .. })));
+        assert!(matches!(
+            index.check_invariants(),
+            Err(InvariantViolation::DuplicateNeighbour { .. })
+        ));
     }
 
     #[test]
     fn i4_degree_above_m0_is_caught() {
         let index = small_index();
         index.graph.corrupt_degree(5, 0, 9); // M0 = 8
-        assert!(matches!(index.check_invariants(), Err(InvariantViolation::DegreeTooHigh { .. })));
+        assert!(matches!(
+            index.check_invariants(),
+            Err(InvariantViolation::DegreeTooHigh { .. })
+        ));
     }
 
     #[test]
@@ -235,7 +300,10 @@ mod tests {
         let upper = node_at_level(&index, 1);
         let ground = node_at_level(&index, 0);
         index.graph.corrupt_links(upper, 1, &[ground]);
-        assert!(matches!(index.check_invariants(), Err(InvariantViolation::AboveLevel { .. })));
+        assert!(matches!(
+            index.check_invariants(),
+            Err(InvariantViolation::AboveLevel { .. })
+        ));
     }
 
     #[test]
@@ -243,14 +311,20 @@ mod tests {
         let index = small_index();
         let ground = node_at_level(&index, 0);
         index.graph.corrupt_entry(ground, 0);
-        assert!(matches!(index.check_invariants(), Err(InvariantViolation::EntryPoint { .. })));
+        assert!(matches!(
+            index.check_invariants(),
+            Err(InvariantViolation::EntryPoint { .. })
+        ));
     }
 
     #[test]
     fn i7_key_map_with_a_stray_key_is_caught() {
         let index = small_index();
         index.keys.force_insert(999_999, 7, |s| index.key_at(s));
-        assert!(matches!(index.check_invariants(), Err(InvariantViolation::KeyMap { .. })));
+        assert!(matches!(
+            index.check_invariants(),
+            Err(InvariantViolation::KeyMap { .. })
+        ));
     }
 
     #[test]
@@ -260,7 +334,10 @@ mod tests {
         let node = index.graph.lock_node(slot).unwrap();
         index.graph.set_tombstone(&node); // tombstone without unmapping the key
         drop(node);
-        assert!(matches!(index.check_invariants(), Err(InvariantViolation::KeyMap { .. })));
+        assert!(matches!(
+            index.check_invariants(),
+            Err(InvariantViolation::KeyMap { .. })
+        ));
     }
 
     #[test]
@@ -277,17 +354,44 @@ mod tests {
                 index.graph.corrupt_links(slot, 0, &kept);
             }
         }
-        assert!(matches!(index.check_invariants(), Err(InvariantViolation::Unreachable { .. })));
+        assert!(matches!(
+            index.check_invariants(),
+            Err(InvariantViolation::Unreachable { .. })
+        ));
+    }
+
+    #[test]
+    fn i12_anchor_that_does_not_link_its_child_is_caught() {
+        let index = small_index();
+        let child = index.slot_of(17).unwrap();
+        let (entry, _) = index.graph.entry().unwrap();
+        let stranger = (0..300u32)
+            .find(|&s| {
+                s != child && s != entry && !index.graph.raw_list(s, 0).unwrap().1.contains(&child)
+            })
+            .unwrap();
+        index.graph.set_anchor(child, stranger);
+        assert!(matches!(
+            index.check_invariants(),
+            Err(InvariantViolation::Anchor { .. })
+        ));
     }
 
     #[test]
     fn i11_non_finite_vector_is_caught() {
         let index = small_index();
         let slot = index.slot_of(11).unwrap();
-        let cell = index.graph.vectors.allocate(11, &[f32::NAN, 0.0, 0.0, 0.0]).unwrap();
+        let cell = index
+            .graph
+            .vectors
+            .allocate(11, &[f32::NAN, 0.0, 0.0, 0.0])
+            .unwrap();
         let node = index.graph.lock_node(slot).unwrap();
         index.graph.publish_cell(&node, cell);
         drop(node);
-        assert!(matches!(index.check_invariants(), Err(InvariantViolation::NonFiniteVector { .. })));
+        assert!(matches!(
+            index.check_invariants(),
+            Err(InvariantViolation::NonFiniteVector { .. })
+        ));
     }
 }

@@ -28,7 +28,9 @@ impl KeyMap {
     /// The slot of `key`; `key_of` reads the key stored at a slot.
     pub(crate) fn get(&self, key: u64, key_of: impl Fn(u32) -> u64) -> Option<u32> {
         let table = self.table.read();
-        table.find(self.hash(key), |&slot| key_of(slot) == key).copied()
+        table
+            .find(self.hash(key), |&slot| key_of(slot) == key)
+            .copied()
     }
 
     /// Maps `key` to `slot`; returns `false` (and changes nothing) if `key`
@@ -59,10 +61,15 @@ impl KeyMap {
 
     /// Bytes of the table's buckets and control bytes.
     pub(crate) fn allocated_bytes(&self) -> usize {
-        let buckets = self.table.read().capacity();
-        // hashbrown keeps capacity at 7/8 of the bucket count; each bucket is
-        // a 4-byte slot plus one control byte.
-        buckets * 8 / 7 * 5
+        let capacity = self.table.read().capacity();
+        if capacity == 0 {
+            return 0;
+        }
+        // hashbrown's bucket count is the power of two whose 7/8 is at least
+        // the capacity; each bucket is a 4-byte slot plus one control byte
+        // (plus 16 trailing control bytes for the SIMD probe).
+        let buckets = (capacity * 8).div_ceil(7).next_power_of_two();
+        buckets * 5 + 16
     }
 
     /// Test hook: map a key to a slot without any check.

@@ -34,7 +34,10 @@ impl LevelGenerator {
     pub(crate) fn next(&self) -> usize {
         // Relaxed: only uniqueness of the counter value matters.
         let i = self.counter.fetch_add(1, Ordering::Relaxed);
-        let bits = splitmix64(self.seed.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        let bits = splitmix64(
+            self.seed
+                .wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        );
         // u in (0, 1]: never 0, so ln(u) is finite.
         let u = ((bits >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
         ((-u.ln() * self.inv_ln_m) as usize).min(MAX_LEVEL)

@@ -126,7 +126,12 @@ impl EntryLock {
         // Acquire: see everything the previous holder published (module docs).
         if self
             .state
-            .compare_exchange(current, current | WRITER, Ordering::Acquire, Ordering::Relaxed)
+            .compare_exchange(
+                current,
+                current | WRITER,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            )
             .is_ok()
         {
             // Release fence: order the lock acquisition before this writer's
@@ -154,7 +159,10 @@ impl EntryLock {
         // Relaxed: we hold W, so no other thread changes the word; this load
         // reads our own CAS.
         let held = self.state.load(Ordering::Relaxed);
-        debug_assert!(held & WRITER != 0, "unlock_exclusive without holding the lock");
+        debug_assert!(
+            held & WRITER != 0,
+            "unlock_exclusive without holding the lock"
+        );
         let next_version = ((held >> VERSION_SHIFT).wrapping_add(1)) << VERSION_SHIFT;
         // Release: publish this writer's data to the next Acquire of the word.
         self.state.store(next_version, Ordering::Release);
@@ -334,10 +342,16 @@ mod tests {
         let v = lock.read_begin();
         assert!(lock.read_validate(v));
         drop(lock.write());
-        assert!(!lock.read_validate(v), "a completed write must change the version");
+        assert!(
+            !lock.read_validate(v),
+            "a completed write must change the version"
+        );
         let v2 = lock.read_begin();
         let _held = lock.write();
-        assert!(!lock.read_validate(v2), "a write in progress must fail validation");
+        assert!(
+            !lock.read_validate(v2),
+            "a write in progress must fail validation"
+        );
     }
 
     #[test]

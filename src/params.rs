@@ -94,8 +94,11 @@ impl IndexParams {
         if self.dim == 0 || self.dim > 65_536 {
             return invalid("dim", "must be between 1 and 65536");
         }
-        if !(2..=256).contains(&self.m) {
-            return invalid("m", "must be between 2 and 256 (hnswlib's useful range is 4..=64)");
+        if !(2..=255).contains(&self.m) {
+            return invalid(
+                "m",
+                "must be between 2 and 255 (hnswlib's useful range is 4..=64)",
+            );
         }
         if self.ef_construction == 0 || self.ef_construction > 100_000 {
             return invalid("ef_construction", "must be between 1 and 100000");

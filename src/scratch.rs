@@ -96,7 +96,7 @@ pub(crate) struct Scratch {
 /// The pool; at most `MAX_POOLED` scratches are kept.
 #[derive(Debug, Default)]
 pub(crate) struct ScratchPool {
-    free: Mutex<Vec<Box<Scratch>>>,
+    free: Mutex<Vec<Scratch>>,
 }
 
 const MAX_POOLED: usize = 256;
@@ -115,19 +115,19 @@ impl ScratchPool {
 #[derive(Debug)]
 pub(crate) struct PooledScratch<'a> {
     pool: &'a ScratchPool,
-    scratch: Option<Box<Scratch>>,
+    scratch: Option<Scratch>,
 }
 
 impl std::ops::Deref for PooledScratch<'_> {
     type Target = Scratch;
     fn deref(&self) -> &Scratch {
-        self.scratch.as_deref().expect("present until drop")
+        self.scratch.as_ref().expect("present until drop")
     }
 }
 
 impl std::ops::DerefMut for PooledScratch<'_> {
     fn deref_mut(&mut self) -> &mut Scratch {
-        self.scratch.as_deref_mut().expect("present until drop")
+        self.scratch.as_mut().expect("present until drop")
     }
 }
 

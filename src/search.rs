@@ -141,7 +141,11 @@ impl Index {
         }
 
         while let Some(Reverse(current)) = candidates.pop() {
-            if results.len() >= ef && results.peek().is_some_and(|worst| current.dist > worst.dist) {
+            if results.len() >= ef
+                && results
+                    .peek()
+                    .is_some_and(|worst| current.dist > worst.dist)
+            {
                 break;
             }
             self.graph.read_links(current.slot, layer, links);
@@ -163,7 +167,8 @@ impl Index {
                 };
                 budget.spent += 1;
                 let dist = self.dist(query, v.vector);
-                let admits = results.len() < ef || results.peek().is_some_and(|worst| dist < worst.dist);
+                let admits =
+                    results.len() < ef || results.peek().is_some_and(|worst| dist < worst.dist);
                 if admits {
                     let scored = Scored {
                         dist,
@@ -193,11 +198,24 @@ impl Index {
         true
     }
 
-    /// Descends to layer 0 and returns the best entry point for it.
-    pub(crate) fn layer0_entry(&self, query: &[f32], scratch: &mut Scratch, guard: &Guard) -> Option<Scored> {
+    /// Descends to layer 0 and returns its seeds: the greedy descent's result,
+    /// plus the entry point itself. The graph is directed, so only the entry
+    /// point is known to reach every node (the anchor tree guarantees it);
+    /// seeding it too makes a search with `ef >= len()` exact. With a small
+    /// `ef` the entry point is usually far and never expanded, so it costs one
+    /// distance computation.
+    pub(crate) fn layer0_seeds(
+        &self,
+        query: &[f32],
+        scratch: &mut Scratch,
+        guard: &Guard,
+    ) -> Option<[Scored; 2]> {
         let (entry, max_level) = self.graph.entry()?;
         let start = self.score(query, entry, guard)?;
-        Some(self.greedy_descent(query, start, max_level, 0, &mut scratch.links, guard))
+        Some([
+            self.greedy_descent(query, start, max_level, 0, &mut scratch.links, guard),
+            start,
+        ])
     }
 
     /// Turns `scratch.results` into the `k` best hits, nearest first.
@@ -244,12 +262,12 @@ impl Index {
                 return Vec::new();
             }
             let guard = self.pin();
-            let Some(entry) = self.layer0_entry(&prepared, &mut scratch, &guard) else {
+            let Some(seeds) = self.layer0_seeds(&prepared, &mut scratch, &guard) else {
                 return Vec::new();
             };
             self.search_layer(
                 &prepared,
-                &[entry],
+                &seeds,
                 0,
                 ef.max(k),
                 &mut scratch,
@@ -290,7 +308,13 @@ impl Index {
     /// assert_eq!(keys, vec![507, 407]);
     /// # Ok::<(), nann::Error>(())
     /// ```
-    pub fn search_filtered<F>(&self, query: &[f32], k: usize, ef: usize, filter: F) -> Result<Vec<Hit>>
+    pub fn search_filtered<F>(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        filter: F,
+    ) -> Result<Vec<Hit>>
     where
         F: Fn(u64) -> bool,
     {
@@ -314,7 +338,7 @@ impl Index {
         }
 
         let mut scratch = self.take_scratch();
-        let Some(entry) = self.layer0_entry(&prepared, &mut scratch, &guard) else {
+        let Some(seeds) = self.layer0_seeds(&prepared, &mut scratch, &guard) else {
             return Ok(Vec::new());
         };
         let mut budget = Budget {
@@ -323,7 +347,7 @@ impl Index {
         };
         let completed = self.search_layer(
             &prepared,
-            &[entry],
+            &seeds,
             0,
             ef,
             &mut scratch,
@@ -362,7 +386,13 @@ impl Index {
     }
 
     /// Exact top-k over every live entry passing `filter`.
-    pub(crate) fn exact_scan(&self, query: &[f32], k: usize, filter: &dyn Fn(u64) -> bool, guard: &Guard) -> Vec<Hit> {
+    pub(crate) fn exact_scan(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: &dyn Fn(u64) -> bool,
+        guard: &Guard,
+    ) -> Vec<Hit> {
         let slots = self.next_slot.load(Ordering::Acquire);
         let mut best = std::collections::BinaryHeap::<Scored>::with_capacity(k + 1);
         for slot in 0..slots as u32 {
@@ -424,7 +454,13 @@ impl Index {
     /// assert_eq!(results[1].as_ref().unwrap()[0].key, 51);
     /// # Ok::<(), nann::Error>(())
     /// ```
-    pub fn search_batch<Q>(&self, queries: &[Q], k: usize, ef: usize, threads: usize) -> Vec<Result<Vec<Hit>>>
+    pub fn search_batch<Q>(
+        &self,
+        queries: &[Q],
+        k: usize,
+        ef: usize,
+        threads: usize,
+    ) -> Vec<Result<Vec<Hit>>>
     where
         Q: AsRef<[f32]> + Sync,
     {

@@ -7,16 +7,19 @@
 //! # Growing without moving (`Chunked`)
 //!
 //! Readers hold plain references into these arrays while writers insert, so
-//! growth can never reallocate. Storage is a list of chunks whose sizes double:
+//! growth can never reallocate. Storage is a list of chunks: the first holds
+//! exactly the initial capacity `C`, the next ones double from `B`, the power
+//! of two at or above `C`:
 //!
 //! ```text
-//!  chunk:    0          1          2                     3
-//!  records:  [0, B)     [B, 2B)    [2B, 4B)              [4B, 8B)  ...
-//!            └─ B ─┘    └─ B ─┘    └──── 2B ────┘        └──────── 4B ────────┘
+//!  chunk:    0           1              2                  3
+//!  records:  [0, C)      [C, C+B)       [C+B, C+3B)        [C+3B, C+7B)  ...
+//!            └─ C ─┘     └─── B ───┘    └───── 2B ─────┘   └──────── 4B ────────┘
 //! ```
 //!
-//! `B` (a power of two) is the initial capacity, so an index that never grows
-//! past it is one flat chunk, hnswlib-style. A new chunk is fully initialised,
+//! So an index that never grows past its capacity is one flat chunk of exactly
+//! that size (hnswlib-style, and no memory lost to rounding), and finding a
+//! record in it costs one comparison. A new chunk is fully initialised,
 //! then published with a `Release` store of its pointer; readers load it with
 //! `Acquire`. Chunks are freed only when the array is dropped, which takes
 //! `&mut self`, so no reader can still hold a reference.
@@ -44,10 +47,48 @@ use crate::sync::{AtomicPtr, AtomicU64, AtomicUsize, Mutex, Ordering};
 /// Enough chunks to address 2^32 records from any base >= 1.
 const MAX_CHUNKS: usize = 34;
 
+/// Where records live: chunk 0 holds `first` records, chunk k >= 1 holds
+/// `2^(k-1) << shift` (see the module docs).
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    first: usize,
+    shift: u32,
+}
+
+impl Geometry {
+    fn new(initial: usize) -> Self {
+        let first = initial.clamp(1, 1 << 31);
+        Self {
+            first,
+            shift: first.max(64).next_power_of_two().trailing_zeros(),
+        }
+    }
+
+    /// Records in chunk `k`.
+    fn chunk_len(&self, k: usize) -> usize {
+        if k == 0 {
+            self.first
+        } else {
+            (1usize << (k - 1)) << self.shift
+        }
+    }
+
+    /// (chunk, offset in chunk) of record `i`.
+    #[inline]
+    fn locate(&self, i: usize) -> (usize, usize) {
+        if i < self.first {
+            return (0, i);
+        }
+        let j = i - self.first;
+        let h = (j >> self.shift) + 1;
+        let k = (usize::BITS - h.leading_zeros()) as usize; // floor(log2(h)) + 1
+        (k, j - (((1usize << (k - 1)) - 1) << self.shift))
+    }
+}
+
 /// A growable array of fixed-length records of `T` that never moves.
 pub(crate) struct Chunked<T> {
-    /// log2 of the first chunk's record count.
-    base_shift: u32,
+    geometry: Geometry,
     /// Elements of `T` per record.
     stride: usize,
     /// Records addressable through published chunks.
@@ -68,12 +109,11 @@ impl<T> std::fmt::Debug for Chunked<T> {
 }
 
 impl<T> Chunked<T> {
-    /// An array whose first chunk holds `initial` records (rounded up to a
-    /// power of two, at least 64), each of `stride` elements made by `init`.
+    /// An array whose first chunk holds `initial` records, each of `stride`
+    /// elements made by `init`.
     pub(crate) fn new(initial: usize, stride: usize, init: fn() -> T) -> Result<Self> {
-        let base = initial.clamp(64, 1 << 30).next_power_of_two();
         let array = Self {
-            base_shift: base.trailing_zeros(),
+            geometry: Geometry::new(initial),
             stride: stride.max(1),
             capacity: AtomicUsize::new(0),
             chunks: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
@@ -82,28 +122,6 @@ impl<T> Chunked<T> {
         };
         array.reserve(1)?;
         Ok(array)
-    }
-
-    /// Records in chunk `k`.
-    fn chunk_records(&self, k: usize) -> usize {
-        let base = 1usize << self.base_shift;
-        if k == 0 {
-            base
-        } else {
-            base << (k - 1)
-        }
-    }
-
-    /// (chunk, record offset within it) of record `i`.
-    #[inline]
-    fn locate(&self, i: usize) -> (usize, usize) {
-        let high = i >> self.base_shift;
-        if high == 0 {
-            (0, i)
-        } else {
-            let k = (usize::BITS - high.leading_zeros()) as usize; // floor(log2(high)) + 1
-            (k, i - (1usize << (self.base_shift as usize + k - 1)))
-        }
     }
 
     /// Records addressable now.
@@ -116,7 +134,7 @@ impl<T> Chunked<T> {
     /// Record `i`, or `None` if it is beyond the published chunks.
     #[inline]
     pub(crate) fn get(&self, i: usize) -> Option<&[T]> {
-        let (k, offset) = self.locate(i);
+        let (k, offset) = self.geometry.locate(i);
         // Acquire: pairs with the Release publication in `reserve`, so the
         // chunk's initialised contents are visible.
         let ptr = self.chunks.get(k)?.load(Ordering::Acquire);
@@ -146,11 +164,11 @@ impl<T> Chunked<T> {
         let _grow = self.grow_lock.lock();
         let mut capacity = self.capacity.load(Ordering::Relaxed);
         while capacity < len {
-            let k = self.locate(capacity).0;
+            let k = self.geometry.locate(capacity).0;
             if k >= MAX_CHUNKS {
                 return Err(Error::CapacityExceeded { limit: capacity });
             }
-            let elements = self.chunk_records(k) * self.stride;
+            let elements = self.geometry.chunk_len(k) * self.stride;
             let bytes = elements.saturating_mul(std::mem::size_of::<T>());
             let mut chunk: Vec<T> = Vec::new();
             chunk
@@ -160,7 +178,7 @@ impl<T> Chunked<T> {
             let ptr = Box::into_raw(chunk.into_boxed_slice()) as *mut T;
             // Release: publish the initialised chunk to `get`'s Acquire load.
             self.chunks[k].store(ptr, Ordering::Release);
-            capacity += self.chunk_records(k);
+            capacity += self.geometry.chunk_len(k);
             // Release: readers that see the new capacity see the chunk.
             self.capacity.store(capacity, Ordering::Release);
         }
@@ -178,7 +196,7 @@ impl<T> Drop for Chunked<T> {
         for k in 0..MAX_CHUNKS {
             let ptr = self.chunks[k].load(Ordering::Relaxed);
             if !ptr.is_null() {
-                let elements = self.chunk_records(k) * self.stride;
+                let elements = self.geometry.chunk_len(k) * self.stride;
                 // SAFETY: `ptr` came from `Box::into_raw` of a boxed slice of
                 // exactly `elements` elements in `reserve`, and is dropped once
                 // (we have `&mut self`).
@@ -200,9 +218,8 @@ struct RawChunk {
 /// The vector cells. See the module docs for the cell lifecycle.
 pub(crate) struct VectorArena {
     dim: usize,
-    /// Cells per chunk (a power of two).
-    chunk_shift: u32,
-    chunks: [AtomicPtr<f32>; 64],
+    geometry: Geometry,
+    chunks: [AtomicPtr<f32>; MAX_CHUNKS],
     /// Keys of the entries owning each cell, parallel to the cells.
     keys: Chunked<AtomicU64>,
     /// Owned allocations, for `Drop`.
@@ -235,12 +252,12 @@ impl std::fmt::Debug for VectorArena {
 
 impl VectorArena {
     pub(crate) fn new(dim: usize, initial_cells: usize) -> Result<Self> {
-        let per_chunk = initial_cells.clamp(64, 1 << 20).next_power_of_two();
+        let geometry = Geometry::new(initial_cells);
         let arena = Self {
             dim,
-            chunk_shift: per_chunk.trailing_zeros(),
+            geometry,
             chunks: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
-            keys: Chunked::new(per_chunk, 1, || AtomicU64::new(0))?,
+            keys: Chunked::new(geometry.first, 1, || AtomicU64::new(0))?,
             owned: Mutex::new(Vec::new()),
             next: AtomicUsize::new(0),
             free: Arc::new(Mutex::new(Vec::new())),
@@ -250,15 +267,11 @@ impl VectorArena {
         Ok(arena)
     }
 
-    fn cells_per_chunk(&self) -> usize {
-        1 << self.chunk_shift
-    }
-
     /// Allocates chunk `k` if it does not exist.
     fn ensure_chunk(&self, k: usize) -> Result<()> {
         if k >= self.chunks.len() {
             return Err(Error::CapacityExceeded {
-                limit: self.chunks.len() * self.cells_per_chunk(),
+                limit: u32::MAX as usize >> 1,
             });
         }
         let mut owned = self.owned.lock();
@@ -266,17 +279,19 @@ impl VectorArena {
         if !self.chunks[k].load(Ordering::Relaxed).is_null() {
             return Ok(());
         }
-        let bytes = self
-            .cells_per_chunk()
+        let cells = self.geometry.chunk_len(k);
+        let bytes = cells
             .checked_mul(self.dim.max(1) * 4)
             .ok_or(Error::OutOfMemory { bytes: usize::MAX })?;
-        let layout = Layout::from_size_align(bytes, 64).map_err(|_| Error::OutOfMemory { bytes })?;
-        // SAFETY: `layout` has non-zero size (cells_per_chunk >= 64, dim >= 1).
+        let layout =
+            Layout::from_size_align(bytes, 64).map_err(|_| Error::OutOfMemory { bytes })?;
+        // SAFETY: `layout` has non-zero size (chunk_len >= 1, dim >= 1).
         let ptr = unsafe { alloc::alloc_zeroed(layout) } as *mut f32;
         if ptr.is_null() {
             return Err(Error::OutOfMemory { bytes });
         }
-        self.keys.reserve((k + 1) * self.cells_per_chunk())?;
+        let end: usize = (0..=k).map(|c| self.geometry.chunk_len(c)).sum();
+        self.keys.reserve(end)?;
         owned.push(RawChunk { ptr, layout });
         // Release: publish the zeroed chunk to readers' Acquire loads.
         self.chunks[k].store(ptr, Ordering::Release);
@@ -286,16 +301,16 @@ impl VectorArena {
     /// Pointer to the first f32 of `cell`, or `None` if its chunk does not exist.
     #[inline]
     fn cell_ptr(&self, cell: CellId) -> Option<*mut f32> {
-        let cell = cell as usize;
-        let k = cell >> self.chunk_shift;
+        let (k, index) = self.geometry.locate(cell as usize);
         // Acquire: pairs with the Release in `ensure_chunk`.
         let base = self.chunks.get(k)?.load(Ordering::Acquire);
         if base.is_null() {
             return None;
         }
-        let offset = (cell & (self.cells_per_chunk() - 1)) * self.dim;
-        // SAFETY: `offset + dim <= cells_per_chunk * dim`, the chunk's length
-        // in f32s, so the pointer stays inside the allocation.
+        let offset = index * self.dim;
+        // SAFETY: `index < chunk_len(k)` (from `locate`), so
+        // `offset + dim <= chunk_len(k) * dim`, the chunk's length in f32s,
+        // and the pointer stays inside the allocation.
         Some(unsafe { base.add(offset) })
     }
 
@@ -311,7 +326,7 @@ impl VectorArena {
                     self.next.fetch_sub(1, Ordering::Relaxed);
                     return Err(Error::CapacityExceeded { limit: cell });
                 }
-                self.ensure_chunk(cell >> self.chunk_shift)?;
+                self.ensure_chunk(self.geometry.locate(cell).0)?;
                 cell as CellId
             }
         };
@@ -388,10 +403,14 @@ impl VectorArena {
         self.next.load(Ordering::Relaxed)
     }
 
-    /// Bytes allocated for vectors and their keys.
-    pub(crate) fn allocated_bytes(&self) -> usize {
-        let owned = self.owned.lock();
-        owned.iter().map(|c| c.layout.size()).sum::<usize>() + self.keys.allocated_bytes()
+    /// Bytes allocated for vector data.
+    pub(crate) fn vector_bytes(&self) -> usize {
+        self.owned.lock().iter().map(|c| c.layout.size()).sum()
+    }
+
+    /// Bytes allocated for the keys stored beside the cells.
+    pub(crate) fn key_bytes(&self) -> usize {
+        self.keys.allocated_bytes()
     }
 }
 
@@ -441,9 +460,33 @@ mod tests {
         for i in 0..5000 {
             let record = array.get(i).unwrap();
             assert_eq!(record.len(), 3);
-            assert_eq!(record[0].swap(1, Ordering::Relaxed), 0, "record {i} aliases another");
+            assert_eq!(
+                record[0].swap(1, Ordering::Relaxed),
+                0,
+                "record {i} aliases another"
+            );
         }
         assert!(array.get(1 << 40).is_none());
+    }
+
+    #[test]
+    fn geometry_tiles_the_index_space_without_gaps_or_overlaps() {
+        for initial in [1, 3, 64, 100, 1000, 4096] {
+            let g = Geometry::new(initial);
+            let mut expected = (0, 0);
+            for i in 0..50_000 {
+                let (k, offset) = g.locate(i);
+                if (k, offset) != expected {
+                    assert_eq!(
+                        (k, offset),
+                        (expected.0 + 1, 0),
+                        "initial {initial}, record {i}"
+                    );
+                }
+                assert!(offset < g.chunk_len(k));
+                expected = (k, offset + 1);
+            }
+        }
     }
 
     #[test]
@@ -468,9 +511,14 @@ mod tests {
         let c = arena.allocate(33, &[0.5; 5]).unwrap();
         assert_eq!(c, b, "an unpublished cell is reused at once");
         assert_eq!(arena.key(c), 33);
-        for i in 0..1000 {
-            arena.allocate(i, &[i as f32; 5]).unwrap();
+        let mut cells = Vec::new();
+        for i in 0..10_000 {
+            cells.push(arena.allocate(i, &[i as f32; 5]).unwrap());
         }
-        assert!(arena.cells_used() >= 1002);
+        assert!(arena.cells_used() >= 10_002);
+        for (i, &cell) in cells.iter().enumerate() {
+            assert_eq!(arena.read(cell, &guard).unwrap(), &[i as f32; 5]);
+            assert_eq!(arena.key(cell), i as u64);
+        }
     }
 }

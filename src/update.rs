@@ -99,7 +99,7 @@ impl Index {
     pub(crate) fn relink(&self, slot: u32, guard: &Guard) {
         let level = self.graph.level(slot);
         self.repair_neighbourhood(slot, level, guard);
-        self.connect(slot, level, guard);
+        self.connect(slot, level, true, guard);
     }
 
     /// Each old neighbour re-selects its list from its own list plus the
@@ -109,21 +109,40 @@ impl Index {
     fn repair_neighbourhood(&self, slot: u32, level: usize, guard: &Guard) {
         let mut old_neighbours = Vec::new();
         let mut list = Vec::new();
+        let mut adopted = Vec::new();
         for layer in 0..=level {
             self.graph.read_links(slot, layer, &mut old_neighbours);
             for &n in &old_neighbours {
-                let Some(node) = self.graph.lock_node(n) else {
-                    continue;
-                };
-                self.graph.read_links_locked(&node, layer, &mut list);
-                if !list.contains(&slot) {
-                    continue;
+                adopted.clear();
+                {
+                    let Some(node) = self.graph.lock_node(n) else {
+                        continue;
+                    };
+                    self.graph.read_links_locked(&node, layer, &mut list);
+                    if !list.contains(&slot) {
+                        continue;
+                    }
+                    list.extend(old_neighbours.iter().copied().filter(|&o| o != n));
+                    list.sort_unstable();
+                    list.dedup();
+                    let selected =
+                        self.reselect(n, &list, self.graph.max_degree(layer), layer, guard);
+                    self.graph.write_links(&node, layer, &selected);
+                    if layer == 0 {
+                        // Children the moved node anchored, now also linked
+                        // from `n`: let `n` anchor them, so the moved node is
+                        // free to drop them from its list.
+                        adopted.extend(
+                            selected
+                                .iter()
+                                .copied()
+                                .filter(|&c| self.graph.anchor(c) == slot),
+                        );
+                    }
                 }
-                list.extend(old_neighbours.iter().copied().filter(|&o| o != n));
-                list.sort_unstable();
-                list.dedup();
-                let selected = self.reselect(n, &list, self.graph.max_degree(layer), guard);
-                self.graph.write_links(&node, layer, &selected);
+                for &child in &adopted {
+                    self.try_anchor_at(child, n);
+                }
             }
         }
     }

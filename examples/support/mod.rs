@@ -16,11 +16,7 @@ pub struct Vectors {
 
 impl Vectors {
     pub fn len(&self) -> usize {
-        if self.dim == 0 {
-            0
-        } else {
-            self.data.len() / self.dim
-        }
+        self.data.len().checked_div(self.dim).unwrap_or(0)
     }
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.dim..(i + 1) * self.dim]
@@ -40,7 +36,10 @@ fn read_vecs_raw(path: &Path) -> io::Result<(usize, Vec<[u8; 4]>)> {
     BufReader::new(File::open(path)?).read_to_end(&mut bytes)?;
     let mut words = bytes.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
     if bytes.len() % 4 != 0 {
-        return Err(invalid(format!("{}: length is not a multiple of 4", path.display())));
+        return Err(invalid(format!(
+            "{}: length is not a multiple of 4",
+            path.display()
+        )));
     }
     let mut dim = None;
     let mut out = Vec::new();
@@ -54,7 +53,11 @@ fn read_vecs_raw(path: &Path) -> io::Result<(usize, Vec<[u8; 4]>)> {
             return Err(invalid(format!("{}: mixed dimensions", path.display())));
         }
         for _ in 0..d {
-            out.push(words.next().ok_or_else(|| invalid(format!("{}: truncated record", path.display())))?);
+            out.push(
+                words
+                    .next()
+                    .ok_or_else(|| invalid(format!("{}: truncated record", path.display())))?,
+            );
         }
     }
     Ok((dim.unwrap_or(0), out))
@@ -71,7 +74,13 @@ pub fn read_fvecs(path: &Path) -> io::Result<Vectors> {
 /// Ground truth: `(k, ids)` row-major.
 pub fn read_ivecs(path: &Path) -> io::Result<(usize, Vec<u32>)> {
     let (dim, words) = read_vecs_raw(path)?;
-    Ok((dim, words.into_iter().map(|w| i32::from_le_bytes(w) as u32).collect()))
+    Ok((
+        dim,
+        words
+            .into_iter()
+            .map(|w| i32::from_le_bytes(w) as u32)
+            .collect(),
+    ))
 }
 
 pub fn write_fvecs(path: &Path, v: &Vectors) -> io::Result<()> {
@@ -149,8 +158,18 @@ pub fn clustered(n: usize, dim: usize, clusters: usize, spread: f32, seed: u64) 
 
 /// Brute-force top-k ids under squared L2, `-dot` (ip) or `-cos` (cos),
 /// computed independently of the index's kernels, on `threads` threads.
-pub fn ground_truth(base: &Vectors, queries: &Vectors, k: usize, metric: &str, threads: usize) -> Vec<u32> {
-    let norms: Vec<f32> = base.rows().iter().map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt()).collect();
+pub fn ground_truth(
+    base: &Vectors,
+    queries: &Vectors,
+    k: usize,
+    metric: &str,
+    threads: usize,
+) -> Vec<u32> {
+    let norms: Vec<f32> = base
+        .rows()
+        .iter()
+        .map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt())
+        .collect();
     let score = |q: &[f32], i: usize| -> f32 {
         let r = base.row(i);
         match metric {
@@ -169,7 +188,8 @@ pub fn ground_truth(base: &Vectors, queries: &Vectors, k: usize, metric: &str, t
             s.spawn(move || {
                 for (j, row_out) in out_chunk.chunks_mut(k).enumerate() {
                     let q = queries.row(t * chunk + j);
-                    let mut scored: Vec<(f32, u32)> = (0..base.len()).map(|i| (score(q, i), i as u32)).collect();
+                    let mut scored: Vec<(f32, u32)> =
+                        (0..base.len()).map(|i| (score(q, i), i as u32)).collect();
                     let kk = k.min(scored.len());
                     scored.select_nth_unstable_by(kk.saturating_sub(1), |a, b| a.0.total_cmp(&b.0));
                     scored.truncate(kk);
@@ -189,7 +209,11 @@ pub fn recall(found: &[Vec<u64>], truth: &[u32], truth_k: usize, k: usize) -> f6
     let mut hits = 0usize;
     for (q, keys) in found.iter().enumerate() {
         let row = &truth[q * truth_k..q * truth_k + k];
-        hits += keys.iter().take(k).filter(|key| row.contains(&(**key as u32))).count();
+        hits += keys
+            .iter()
+            .take(k)
+            .filter(|key| row.contains(&(**key as u32)))
+            .count();
     }
     hits as f64 / (found.len() * k) as f64
 }

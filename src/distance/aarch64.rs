@@ -28,7 +28,10 @@ pub unsafe fn l2_squared_neon(a: &[f32], b: &[f32]) -> f32 {
             i += 4;
         }
     }
-    let mut total = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+    let mut total = vaddvq_f32(vaddq_f32(
+        vaddq_f32(acc[0], acc[1]),
+        vaddq_f32(acc[2], acc[3]),
+    ));
     while i < n {
         let d = a[i] - b[i];
         total += d * d;
@@ -51,7 +54,11 @@ pub unsafe fn dot_neon(a: &[f32], b: &[f32]) -> f32 {
     unsafe {
         while i + 16 <= n {
             for (k, acc_k) in acc.iter_mut().enumerate() {
-                *acc_k = vfmaq_f32(*acc_k, vld1q_f32(pa.add(i + 4 * k)), vld1q_f32(pb.add(i + 4 * k)));
+                *acc_k = vfmaq_f32(
+                    *acc_k,
+                    vld1q_f32(pa.add(i + 4 * k)),
+                    vld1q_f32(pb.add(i + 4 * k)),
+                );
             }
             i += 16;
         }
@@ -60,7 +67,10 @@ pub unsafe fn dot_neon(a: &[f32], b: &[f32]) -> f32 {
             i += 4;
         }
     }
-    let mut total = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+    let mut total = vaddvq_f32(vaddq_f32(
+        vaddq_f32(acc[0], acc[1]),
+        vaddq_f32(acc[2], acc[3]),
+    ));
     while i < n {
         total += a[i] * b[i];
         i += 1;

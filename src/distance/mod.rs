@@ -74,7 +74,10 @@ pub enum Isa {
 impl Isa {
     /// The best level this CPU supports.
     pub fn detect() -> Self {
-        Self::all_supported().into_iter().max().unwrap_or(Isa::Scalar)
+        Self::all_supported()
+            .into_iter()
+            .max()
+            .unwrap_or(Isa::Scalar)
     }
 
     /// Whether this CPU can run kernels of this level.
@@ -244,7 +247,9 @@ mod tests {
     #[test]
     fn every_supported_simd_kernel_matches_scalar_on_odd_and_even_dims() {
         let mut state = 0x9e37_79b9_7f4a_7c15;
-        let dims = [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 768, 1001];
+        let dims = [
+            1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 768, 1001,
+        ];
         for isa in Isa::all_supported() {
             for metric in [Metric::L2, Metric::InnerProduct] {
                 let fast = Distance::with_isa(metric, isa).unwrap();
@@ -256,7 +261,11 @@ mod tests {
                         let (x, y) = (fast.eval(&a, &b), reference.eval(&a, &b));
                         // Summation order differs between kernels; bound the
                         // error by the magnitude of the terms, not the result.
-                        let scale: f32 = a.iter().zip(&b).map(|(p, q)| (p * q).abs() + (p - q) * (p - q)).sum();
+                        let scale: f32 = a
+                            .iter()
+                            .zip(&b)
+                            .map(|(p, q)| (p * q).abs() + (p - q) * (p - q))
+                            .sum();
                         assert!(
                             (x - y).abs() <= 1e-5 * (scale + 1.0),
                             "{isa:?} {metric:?} dim {dim}: simd {x} vs scalar {y}"
@@ -271,8 +280,18 @@ mod tests {
     fn scalar_kernels_compute_the_textbook_formulas() {
         let a = [1.0, 2.0, 3.0];
         let b = [4.0, 0.0, -1.0];
-        assert_eq!(Distance::with_isa(Metric::L2, Isa::Scalar).unwrap().eval(&a, &b), 9.0 + 4.0 + 16.0);
-        assert_eq!(Distance::with_isa(Metric::InnerProduct, Isa::Scalar).unwrap().eval(&a, &b), 1.0 - (4.0 - 3.0));
+        assert_eq!(
+            Distance::with_isa(Metric::L2, Isa::Scalar)
+                .unwrap()
+                .eval(&a, &b),
+            9.0 + 4.0 + 16.0
+        );
+        assert_eq!(
+            Distance::with_isa(Metric::InnerProduct, Isa::Scalar)
+                .unwrap()
+                .eval(&a, &b),
+            1.0 - (4.0 - 3.0)
+        );
     }
 
     #[test]

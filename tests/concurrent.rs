@@ -1,0 +1,179 @@
+//! Concurrency smoke tests: searches run during inserts, in-place updates and
+//! removes. (The full stress, loom and churn suites are a later issue.)
+
+#[path = "../examples/support/mod.rs"]
+mod support;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nann::{Index, IndexParams, Metric};
+
+const DIM: usize = 16;
+
+fn vector(key: u64, version: u64) -> Vec<f32> {
+    let mut rng = support::Rng::new(key.wrapping_mul(1_000_003) ^ version);
+    (0..DIM).map(|_| rng.uniform()).collect()
+}
+
+fn assert_sorted_unique(hits: &[nann::Hit]) {
+    assert!(
+        hits.windows(2).all(|w| w[0].distance <= w[1].distance),
+        "unsorted: {hits:?}"
+    );
+    let keys: HashSet<u64> = hits.iter().map(|h| h.key).collect();
+    assert_eq!(keys.len(), hits.len(), "duplicate keys: {hits:?}");
+}
+
+#[test]
+fn searches_during_inserts_updates_and_removes() {
+    // Small initial capacity: the index grows (adds chunks) under the readers.
+    let index = Arc::new(
+        Index::new(
+            IndexParams::new(DIM, Metric::L2)
+                .m(8)
+                .ef_construction(64)
+                .capacity(64),
+        )
+        .unwrap(),
+    );
+    for key in 0..3_000u64 {
+        index.insert(key, &vector(key, 0)).unwrap();
+    }
+    // Keys 0..1000 are removed one by one and never come back; a key enters
+    // `gone` only after its remove returned, so a search that starts later
+    // must not return it.
+    let gone = Arc::new(Mutex::new(HashSet::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut threads = Vec::new();
+
+    for t in 0..2u64 {
+        let (index, gone, stop) = (index.clone(), gone.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut searches = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let before: HashSet<u64> = gone.lock().unwrap().clone();
+                let q = vector(searches * 2 + t, 99);
+                let hits = if searches.is_multiple_of(3) {
+                    index.search_filtered(&q, 10, 32, |k| k % 2 == 0).unwrap()
+                } else {
+                    index.search(&q, 10, 32).unwrap()
+                };
+                assert_eq!(hits.len(), 10);
+                assert_sorted_unique(&hits);
+                for h in &hits {
+                    assert!(!before.contains(&h.key), "removed key {} returned", h.key);
+                }
+                searches += 1;
+            }
+            searches
+        }));
+    }
+    {
+        let (index, stop) = (index.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut version = 1;
+            while !stop.load(Ordering::Relaxed) {
+                for key in (1_000..3_000u64).step_by(7) {
+                    index.update(key, &vector(key, version)).unwrap();
+                }
+                version += 1;
+            }
+            version
+        }));
+    }
+    {
+        let (index, gone, stop) = (index.clone(), gone.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut next_new = 10_000u64;
+            for key in 0..1_000u64 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                index.remove(key).unwrap();
+                gone.lock().unwrap().insert(key);
+                // A new key reuses the removed slot.
+                index.insert(next_new, &vector(next_new, 0)).unwrap();
+                next_new += 1;
+            }
+            next_new
+        }));
+    }
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("no thread panicked");
+    }
+    index.check_invariants().unwrap();
+    let gone = gone.lock().unwrap();
+    for key in gone.iter() {
+        assert!(!index.contains(*key));
+    }
+    assert_eq!(index.len(), 3_000);
+}
+
+#[test]
+fn parallel_bulk_build_while_searching() {
+    let index = Arc::new(Index::new(IndexParams::new(DIM, Metric::Cosine).capacity(16)).unwrap());
+    let keys: Vec<u64> = (0..8_000).collect();
+    let vectors: Vec<Vec<f32>> = keys.iter().map(|&k| vector(k, 0)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let searcher = {
+        let (index, stop) = (index.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let hits = index.search(&vector(1, 5), 5, 16).unwrap();
+                assert_sorted_unique(&hits);
+                assert!(hits.iter().all(|h| h.key < 8_000));
+            }
+        })
+    };
+    let progress = Mutex::new(Vec::new());
+    index
+        .insert_many(&keys, &vectors, 2, |p| {
+            progress.lock().unwrap().push(p.done)
+        })
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    searcher.join().unwrap();
+    let progress = progress.into_inner().unwrap();
+    assert_eq!(
+        progress.iter().max(),
+        Some(&8_000),
+        "progress reaches the total"
+    );
+    assert_eq!(index.len(), 8_000);
+    index.check_invariants().unwrap();
+}
+
+#[test]
+fn a_panicking_filter_leaves_the_index_consistent() {
+    let index = Index::new(IndexParams::new(DIM, Metric::L2)).unwrap();
+    for key in 0..500u64 {
+        index.insert(key, &vector(key, 0)).unwrap();
+    }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        index.search_filtered(&vector(3, 1), 5, 32, |key| {
+            if key % 17 == 3 {
+                panic!("caller bug");
+            }
+            true
+        })
+    }));
+    assert!(outcome.is_err());
+    index.check_invariants().unwrap();
+    index.update(3, &vector(3, 2)).unwrap();
+    index.remove(4).unwrap();
+    assert_eq!(index.search(&vector(3, 2), 1, 32).unwrap()[0].key, 3);
+}
+
+#[test]
+fn index_is_send_and_sync_without_lifetimes() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<Index>();
+}

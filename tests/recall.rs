@@ -1,0 +1,123 @@
+//! Recall against brute force. The ground truth comes from
+//! `examples/support` (plain scalar loops), not from the index's own kernels,
+//! so a kernel bug cannot hide itself.
+
+#[path = "../examples/support/mod.rs"]
+mod support;
+
+use nann::{Index, IndexParams, Metric};
+use support::Vectors;
+
+fn recall_at(
+    base: &Vectors,
+    queries: &Vectors,
+    metric: Metric,
+    metric_name: &str,
+    k: usize,
+    ef: usize,
+) -> f64 {
+    let index = Index::new(
+        IndexParams::new(base.dim, metric)
+            .m(16)
+            .ef_construction(200)
+            .capacity(base.len()),
+    )
+    .unwrap();
+    let keys: Vec<u64> = (0..base.len() as u64).collect();
+    index.insert_many(&keys, &base.rows(), 2, |_| {}).unwrap();
+    index.check_invariants().unwrap();
+    let truth = support::ground_truth(base, queries, k, metric_name, 2);
+    let found: Vec<Vec<u64>> = queries
+        .rows()
+        .iter()
+        .map(|q| {
+            index
+                .search(q, k, ef)
+                .unwrap()
+                .iter()
+                .map(|h| h.key)
+                .collect()
+        })
+        .collect();
+    support::recall(&found, &truth, k, k)
+}
+
+#[test]
+fn uniform_20k_x_16_reaches_095_at_ef_64() {
+    let base = support::uniform(20_000, 16, 1);
+    let queries = support::uniform(300, 16, 2);
+    let r = recall_at(&base, &queries, Metric::L2, "l2", 10, 64);
+    assert!(r >= 0.95, "R@10 = {r}");
+}
+
+/// Uniform 32-d data has intrinsic dimension 32, the hard case for any graph
+/// index: hnswlib 0.8 itself measures R@10 = 0.942 at ef 64 on this shape
+/// (20k x 32, M 16, ef_construction 200; 2026-11-24, this machine). The bar
+/// here is 0.95 at ef 96, and no worse than hnswlib minus 0.01 at ef 64.
+#[test]
+fn uniform_20k_x_32_reaches_095_at_ef_96() {
+    let base = support::uniform(20_000, 32, 1);
+    let queries = support::uniform(300, 32, 2);
+    let r96 = recall_at(&base, &queries, Metric::L2, "l2", 10, 96);
+    assert!(r96 >= 0.95, "R@10 at ef 96 = {r96}");
+    let r64 = recall_at(&base, &queries, Metric::L2, "l2", 10, 64);
+    assert!(r64 >= 0.932, "R@10 at ef 64 = {r64}");
+}
+
+#[test]
+fn clustered_20k_x_128_reaches_095_at_ef_64() {
+    let all = support::clustered(20_300, 128, 64, 0.5, 3);
+    let base = Vectors {
+        dim: 128,
+        data: all.data[..20_000 * 128].to_vec(),
+    };
+    let queries = Vectors {
+        dim: 128,
+        data: all.data[20_000 * 128..].to_vec(),
+    };
+    let r = recall_at(&base, &queries, Metric::L2, "l2", 10, 64);
+    assert!(r >= 0.95, "R@10 = {r}");
+}
+
+#[test]
+fn inner_product_and_cosine_reach_095_at_ef_64() {
+    let all = support::clustered(10_200, 48, 32, 0.6, 4);
+    let base = Vectors {
+        dim: 48,
+        data: all.data[..10_000 * 48].to_vec(),
+    };
+    let queries = Vectors {
+        dim: 48,
+        data: all.data[10_000 * 48..].to_vec(),
+    };
+    for (metric, name) in [(Metric::InnerProduct, "ip"), (Metric::Cosine, "cos")] {
+        let r = recall_at(&base, &queries, metric, name, 10, 64);
+        assert!(r >= 0.95, "{metric:?}: R@10 = {r}");
+    }
+}
+
+#[test]
+fn every_simd_level_gives_the_same_recall_as_scalar() {
+    let base = support::uniform(3_000, 37, 5); // odd dimension: exercises kernel tails
+    let queries = support::uniform(100, 37, 6);
+    let truth = support::ground_truth(&base, &queries, 10, "l2", 2);
+    for isa in nann::Isa::all_supported() {
+        let index = Index::new(IndexParams::new(37, Metric::L2).isa(isa).seed(9)).unwrap();
+        let keys: Vec<u64> = (0..base.len() as u64).collect();
+        index.insert_many(&keys, &base.rows(), 1, |_| {}).unwrap();
+        let found: Vec<Vec<u64>> = queries
+            .rows()
+            .iter()
+            .map(|q| {
+                index
+                    .search(q, 10, 128)
+                    .unwrap()
+                    .iter()
+                    .map(|h| h.key)
+                    .collect()
+            })
+            .collect();
+        let r = support::recall(&found, &truth, 10, 10);
+        assert!(r >= 0.98, "{isa:?}: R@10 = {r}");
+    }
+}
