@@ -155,7 +155,11 @@ impl Graph {
             cells: Chunked::new(capacity, 1, || AtomicU32::new(NO_CELL))?,
             anchors: Chunked::new(capacity, 1, || AtomicU32::new(UNANCHORED))?,
             entry: AtomicU64::new(NO_ENTRY),
-            vectors: VectorArena::new(dim, capacity)?,
+            // Spare cells beyond the capacity: an update writes a new cell
+            // before the old one's grace period ends, so a few hundred cells
+            // are in flight under steady churn; without the spare, the first
+            // update would allocate a whole second chunk.
+            vectors: VectorArena::new(dim, capacity + capacity / 64 + 256)?,
         })
     }
 

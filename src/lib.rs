@@ -84,5 +84,5 @@ pub use distance::{Distance, Isa, Metric};
 pub use error::{Error, InvariantViolation, Result};
 pub use index::{Hit, Index, MemoryUsage};
 pub use insert::Progress;
-pub use lock::EntryLock;
+pub use lock::{EntryLock, ReadVersion};
 pub use params::IndexParams;

@@ -73,7 +73,7 @@ const VERSION_MASK: u32 = !0xff;
 /// A version observed by [`EntryLock::read_begin`], checked by
 /// [`EntryLock::read_validate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ReadVersion(u32);
+pub struct ReadVersion(u32);
 
 /// A readers-writer spinlock with an optimistic read path. See the module docs.
 ///
@@ -203,8 +203,24 @@ impl EntryLock {
     }
 
     /// Starts an optimistic read: waits until no writer holds the entry and
-    /// returns the version to validate against.
-    pub(crate) fn read_begin(&self) -> ReadVersion {
+    /// returns the version to validate against. Data read after this call
+    /// must be read through atomics (it may race with a writer) and is only
+    /// meaningful if [`read_validate`](Self::read_validate) then succeeds.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// let lock = nann::EntryLock::new();
+    /// let data = AtomicU32::new(7);
+    /// let value = loop {
+    ///     let version = lock.read_begin();
+    ///     let value = data.load(Ordering::Relaxed);
+    ///     if lock.read_validate(version) {
+    ///         break value;
+    ///     }
+    /// };
+    /// assert_eq!(value, 7);
+    /// ```
+    pub fn read_begin(&self) -> ReadVersion {
         let mut backoff = Backoff::new();
         loop {
             // Acquire: see the data published by the unlock that made this version.
@@ -218,7 +234,7 @@ impl EntryLock {
 
     /// Returns whether no writer has held the entry since `begin` was taken,
     /// i.e. whether the data read in between is a consistent snapshot.
-    pub(crate) fn read_validate(&self, begin: ReadVersion) -> bool {
+    pub fn read_validate(&self, begin: ReadVersion) -> bool {
         // Acquire fence then Relaxed load: the seqlock reader recipe (module docs).
         fence(Ordering::Acquire);
         let state = self.state.load(Ordering::Relaxed);
@@ -237,8 +253,8 @@ impl EntryLock {
         EntryReadGuard { lock: self }
     }
 
-    /// Whether a writer currently holds the lock (for invariant checks).
-    pub(crate) fn is_locked_exclusive(&self) -> bool {
+    /// Whether a writer currently holds the lock.
+    pub fn is_locked_exclusive(&self) -> bool {
         self.state.load(Ordering::Relaxed) & WRITER != 0
     }
 }

@@ -416,7 +416,7 @@ impl VectorArena {
 
 impl Drop for VectorArena {
     fn drop(&mut self) {
-        for chunk in self.owned.get_mut().drain(..) {
+        for chunk in self.owned.lock().drain(..) {
             // SAFETY: allocated in `ensure_chunk` with exactly this layout and
             // freed once; `&mut self` means no reader borrows it.
             unsafe { alloc::dealloc(chunk.ptr as *mut u8, chunk.layout) };

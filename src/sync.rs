@@ -78,10 +78,12 @@ mod loom_locks {
 /// parking_lot_core's `SpinWait` policy; usearch's un-backed-off busy wait is
 /// what it avoids.
 #[derive(Debug, Default)]
+#[cfg_attr(loom, allow(dead_code))]
 pub(crate) struct Backoff {
     step: u32,
 }
 
+#[cfg_attr(loom, allow(dead_code))]
 impl Backoff {
     /// Rounds of pure spinning before the first yield (2^SPIN_LIMIT hints in all).
     const SPIN_LIMIT: u32 = 6;
