@@ -115,10 +115,21 @@ fn run(args: Args) -> Result<(), String> {
             args.k
         ));
     }
-    let params = IndexParams::new(base.dim, args.metric)
+    let mut params = IndexParams::new(base.dim, args.metric)
         .m(args.m)
         .ef_construction(args.ef_construction)
         .capacity(base.len());
+    // NANN_ISA=scalar|avx2|avx512|neon forces a kernel level (to measure
+    // where a wider one pays); the command-line contract is unchanged.
+    if let Ok(isa) = std::env::var("NANN_ISA") {
+        params = params.isa(match isa.as_str() {
+            "scalar" => nann::Isa::Scalar,
+            "avx2" => nann::Isa::Avx2,
+            "avx512" => nann::Isa::Avx512,
+            "neon" => nann::Isa::Neon,
+            other => return Err(format!("NANN_ISA: unknown level '{other}'")),
+        });
+    }
     let index = Index::new(params).map_err(|e| e.to_string())?;
     let keys: Vec<u64> = (0..base.len() as u64).collect();
     let rows = base.rows();
