@@ -420,7 +420,13 @@ impl Index {
             *list = selected;
             list.contains(&new)
         };
-        let claimed = linked && claim && self.anchored_count(neighbour, list) < self.max_anchored();
+        // Only a node that is itself anchored (or the root) may anchor: a
+        // reachable-but-unanchored fresh node could otherwise end up anchored
+        // below its own child, a cycle cut off from the root.
+        let claimed = linked
+            && claim
+            && self.graph.anchor(neighbour) != UNANCHORED
+            && self.anchored_count(neighbour, list) < self.max_anchored();
         if claimed {
             self.graph.set_anchor(new, neighbour);
         }
@@ -433,8 +439,11 @@ impl Index {
     /// the heuristic can no longer choose. Measured on 20k x 64
     /// inner-product data (R@10 at ef 10): no anchors 0.995, uncapped 0.881,
     /// cap M0/4 0.992, cap M0/8 0.997; hnswlib 0.992.
+    /// At least 2, so the anchor tree can branch: with a cap of 1 it would
+    /// have to be a single chain, and concurrent inserts would race for its
+    /// one free end.
     pub(crate) fn max_anchored(&self) -> usize {
-        self.graph.max_degree(0).div_ceil(8)
+        self.graph.max_degree(0).div_ceil(8).max(2)
     }
 
     /// How many entries of `list` (a layer-0 list of `base`) `base` anchors.
@@ -477,6 +486,15 @@ impl Index {
     /// exists: n - 1 anchor edges over n nodes average below one per node),
     /// giving up an unanchored entry if the list is full.
     fn force_anchor(&self, slot: u32, preferred: &[u32], guard: &Guard) {
+        // A pass can come up empty only if concurrent inserts took the last
+        // free places it looked at; the next pass sees the nodes they added.
+        let mut backoff = crate::sync::Backoff::new();
+        while !self.try_force_anchor(slot, preferred, guard) {
+            backoff.snooze();
+        }
+    }
+
+    fn try_force_anchor(&self, slot: u32, preferred: &[u32], guard: &Guard) -> bool {
         let slots = self.next_slot.load(Ordering::Acquire) as u32;
         let mut list = Vec::new();
         for n in preferred.iter().copied().chain(0..slots) {
@@ -512,8 +530,9 @@ impl Index {
                 self.graph.write_links(&node, 0, &list);
             }
             self.graph.set_anchor(slot, n);
-            return;
+            return true;
         }
+        false
     }
 
     /// Moves `slot`'s anchor to the first of `candidates` that links it on

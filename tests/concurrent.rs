@@ -177,3 +177,61 @@ fn index_is_send_and_sync_without_lifetimes() {
     fn assert_send_sync<T: Send + Sync + 'static>() {}
     assert_send_sync::<Index>();
 }
+
+/// Several writers at once with a small M, so lists are pruned constantly:
+/// the anchor tree must keep every node reachable (I9, I12) throughout.
+#[test]
+fn concurrent_writers_with_small_m_keep_the_graph_connected() {
+    let index = Arc::new(
+        Index::new(
+            IndexParams::new(DIM, Metric::L2)
+                .m(3)
+                .ef_construction(32)
+                .capacity(16),
+        )
+        .unwrap(),
+    );
+    for key in 0..1_000u64 {
+        index.insert(key, &vector(key, 0)).unwrap();
+    }
+    let writers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let index = index.clone();
+            std::thread::spawn(move || {
+                let mut rng = support::Rng::new(t);
+                for round in 0..4_000u64 {
+                    match t {
+                        // Fresh inserts on disjoint key ranges.
+                        0 | 1 => index
+                            .insert(100_000 * (t + 1) + round, &vector(t, round))
+                            .unwrap(),
+                        // In-place updates of keys 0..500.
+                        2 => index
+                            .update(rng.next_u64() % 500, &vector(7, round))
+                            .unwrap(),
+                        // Remove and re-insert (slot reuse) on keys 500..1000.
+                        _ => {
+                            let key = 500 + rng.next_u64() % 500;
+                            if index.remove(key).is_ok() {
+                                index.insert(key, &vector(key, round + 1)).unwrap();
+                            }
+                        }
+                    }
+                    if round % 1_000 == 0 && t == 0 {
+                        index.check_invariants().unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("no writer panicked");
+    }
+    index.check_invariants().unwrap();
+    assert_eq!(index.len(), 9_000);
+    // Exactness with ef >= n is the observable face of reachability.
+    let q = vector(3, 3);
+    let exact = index.search_exact(&q, 10).unwrap();
+    let graph = index.search(&q, 10, 10_000).unwrap();
+    assert_eq!(exact, graph);
+}
