@@ -80,6 +80,9 @@ impl Index {
                 let mut improved = false;
                 self.graph.read_links(current.slot, layer, links);
                 for &n in links.iter() {
+                    self.graph.prefetch_vector(n);
+                }
+                for &n in links.iter() {
                     if let Some(s) = self.score(query, n, guard) {
                         if s.dist < current.dist {
                             current = s;
