@@ -466,13 +466,15 @@ impl Index {
         let Some(base_vector) = self.graph.vector(base, guard) else {
             return ids.iter().copied().take(max).collect();
         };
-        let mut scored: Vec<Scored> = ids
-            .iter()
-            .filter(|&&id| id != base)
-            .filter_map(|&id| self.score(base_vector.vector, id, guard))
+        let mut unique = ids.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        let mut scored: Vec<Scored> = unique
+            .into_iter()
+            .filter(|&id| id != base)
+            .filter_map(|id| self.score(base_vector.vector, id, guard))
             .collect();
         scored.sort_unstable();
-        scored.dedup_by_key(|s| s.slot);
         let (protected, free): (Vec<Scored>, Vec<Scored>) = scored
             .into_iter()
             .partition(|s| layer == 0 && self.graph.anchor(s.slot) == base);
