@@ -121,3 +121,60 @@ fn every_simd_level_gives_the_same_recall_as_scalar() {
         assert!(r >= 0.98, "{isa:?}: R@10 = {r}");
     }
 }
+
+/// In-place updates relink the neighbourhood, so recall after many updates
+/// (every vector redrawn about four times) stays near a fresh build over the
+/// same final vectors. (The 1M-update churn suite is a later issue.)
+#[test]
+fn recall_does_not_decay_under_repeated_updates() {
+    let (n, dim) = (5_000usize, 16usize);
+    let mut rng = support::Rng::new(77);
+    let mut current: Vec<Vec<f32>> = (0..n)
+        .map(|_| (0..dim).map(|_| rng.uniform()).collect())
+        .collect();
+    let params = IndexParams::new(dim, Metric::L2)
+        .m(16)
+        .ef_construction(100)
+        .capacity(n);
+    let churned = Index::new(params.clone()).unwrap();
+    for (key, v) in current.iter().enumerate() {
+        churned.insert(key as u64, v).unwrap();
+    }
+    for _ in 0..4 * n {
+        let key = (rng.next_u64() % n as u64) as usize;
+        current[key] = (0..dim).map(|_| rng.uniform()).collect();
+        churned.update(key as u64, &current[key]).unwrap();
+    }
+    churned.check_invariants().unwrap();
+    let fresh = Index::new(params).unwrap();
+    for (key, v) in current.iter().enumerate() {
+        fresh.insert(key as u64, v).unwrap();
+    }
+    let base = Vectors {
+        dim,
+        data: current.concat(),
+    };
+    let queries = support::uniform(500, dim, 78);
+    let truth = support::ground_truth(&base, &queries, 10, "l2", 2);
+    let recall_of = |index: &Index| {
+        let found: Vec<Vec<u64>> = queries
+            .rows()
+            .iter()
+            .map(|q| {
+                index
+                    .search(q, 10, 32)
+                    .unwrap()
+                    .iter()
+                    .map(|h| h.key)
+                    .collect()
+            })
+            .collect();
+        support::recall(&found, &truth, 10, 10)
+    };
+    let (after_churn, fresh_build) = (recall_of(&churned), recall_of(&fresh));
+    println!("R@10 after churn {after_churn}, fresh build {fresh_build}");
+    assert!(
+        after_churn >= fresh_build - 0.02,
+        "after 20k updates R@10 {after_churn} vs fresh build {fresh_build}"
+    );
+}
