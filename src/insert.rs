@@ -223,7 +223,7 @@ impl Index {
         };
         let promoting = level > max_level;
 
-        let mut plan = self.plan_links(
+        let (mut plan, _nearby) = self.plan_links(
             slot,
             query,
             entry_slot,
@@ -299,7 +299,8 @@ impl Index {
     }
 
     /// Searches every layer the node shares with the graph and selects its
-    /// neighbours; `plan[layer]` is the forward list for `layer`.
+    /// neighbours; `plan[layer]` is the forward list for `layer`. Also returns
+    /// every layer-0 candidate found, nearest first (anchor fallbacks).
     #[allow(clippy::too_many_arguments)]
     fn plan_links(
         &self,
@@ -310,11 +311,11 @@ impl Index {
         level: usize,
         scratch: &mut Scratch,
         guard: &Guard,
-    ) -> Vec<Vec<u32>> {
+    ) -> (Vec<Vec<u32>>, Vec<u32>) {
         let top = level.min(max_level);
         let mut plan = vec![Vec::new(); level + 1];
         let Some(start) = self.score(query, entry_slot, guard) else {
-            return plan;
+            return (plan, Vec::new());
         };
         let start = self.greedy_descent(query, start, max_level, top, &mut scratch.links, guard);
         let mut entries = vec![start];
@@ -341,7 +342,8 @@ impl Index {
                 entries = found;
             }
         }
-        plan
+        let nearby = entries.iter().map(|s| s.slot).collect();
+        (plan, nearby)
     }
 
     fn with_vectors<'g>(&'g self, scored: &[Scored], guard: &'g Guard) -> Vec<Candidate<'g>> {
@@ -484,22 +486,45 @@ impl Index {
     }
 
     /// Fallback when no neighbour accepted a fresh node as its anchored child:
-    /// link it from the nearest node below the anchoring cap (one always
-    /// exists: n - 1 anchor edges over n nodes average below one per node),
-    /// giving up an unanchored entry if the list is full.
+    /// link it from one of its forward neighbours that has room and is below
+    /// the anchoring cap; failing that, from a node drawn at random (a hashed
+    /// starting point, then a scan) below the cap, preferring one with room
+    /// over giving up an unanchored entry. One always exists: n - 1 anchor
+    /// edges over n nodes average below one per node.
+    ///
+    /// Under inner product most nodes land here (hub lists are full and at
+    /// the cap: 151k of 200k inserts on the benchmark set). Measured there,
+    /// random long-range anchors give R@10 0.999 at ef 10, anchors forced
+    /// into nearby lists 0.955-0.974: the random edges double as NSW-style
+    /// long links. Under L2 the fallback is rare (315 of 100k inserts).
     fn force_anchor(&self, slot: u32, preferred: &[u32], guard: &Guard) {
+        if self.try_force_anchor(slot, preferred.iter().copied(), false, guard) {
+            return;
+        }
         // A pass can come up empty only if concurrent inserts took the last
         // free places it looked at; the next pass sees the nodes they added.
         let mut backoff = crate::sync::Backoff::new();
-        while !self.try_force_anchor(slot, preferred, guard) {
+        loop {
+            let slots = self.next_slot.load(Ordering::Acquire) as u32;
+            let start = (crate::level::splitmix64(slot as u64) % slots.max(1) as u64) as u32;
+            if self.try_force_anchor(slot, (start..slots).chain(0..start), false, guard)
+                || self.try_force_anchor(slot, (start..slots).chain(0..start), true, guard)
+            {
+                return;
+            }
             backoff.snooze();
         }
     }
 
-    fn try_force_anchor(&self, slot: u32, preferred: &[u32], guard: &Guard) -> bool {
-        let slots = self.next_slot.load(Ordering::Acquire) as u32;
+    fn try_force_anchor(
+        &self,
+        slot: u32,
+        candidates: impl Iterator<Item = u32>,
+        evict: bool,
+        guard: &Guard,
+    ) -> bool {
         let mut list = Vec::new();
-        for n in preferred.iter().copied().chain(0..slots) {
+        for n in candidates {
             if n == slot || matches!(self.graph.anchor(n), UNANCHORED) {
                 continue;
             }
@@ -512,6 +537,9 @@ impl Index {
             }
             if !list.contains(&slot) {
                 if list.len() >= self.graph.max_degree(0) {
+                    if !evict {
+                        continue;
+                    }
                     // Replace the farthest entry that `n` does not anchor.
                     let Some(base) = self.graph.vector(n, guard) else {
                         continue;
