@@ -41,17 +41,7 @@ fn search(c: &mut Criterion) {
     index.insert_many(&keys, &base.rows(), 0, |_| {}).unwrap();
     let rows = queries.rows();
     let recall_at = |ef| {
-        let found: Vec<Vec<u64>> = rows
-            .iter()
-            .map(|q| {
-                index
-                    .search(q, 10, ef)
-                    .unwrap()
-                    .iter()
-                    .map(|h| h.key)
-                    .collect()
-            })
-            .collect();
+        let found = support::search_keys(&index, &queries, 10, ef).unwrap();
         support::recall(&found, &gt, gt_k, 10)
     };
     let mut group = c.benchmark_group(format!("search/{name}"));

@@ -45,15 +45,7 @@ fn main() -> Result<(), nann::Error> {
 
     let truth = support::ground_truth(&base, &queries, k, "l2", 2);
     let start = Instant::now();
-    let found: Vec<Vec<u64>> = queries
-        .rows()
-        .iter()
-        .map(|q| {
-            index
-                .search(q, k, ef)
-                .map(|hits| hits.iter().map(|h| h.key).collect())
-        })
-        .collect::<Result<_, _>>()?;
+    let found = support::search_keys(&index, &queries, k, ef)?;
     let per_query = start.elapsed().as_secs_f64() / queries.len() as f64;
     println!(
         "search: R@{k} = {:.3} at ef {ef}, {:.1} us per query",

@@ -30,7 +30,7 @@ use crate::keymap::KeyMap;
 use crate::level::LevelGenerator;
 use crate::params::IndexParams;
 use crate::scratch::{PooledScratch, ScratchPool};
-use crate::sync::{AtomicUsize, Mutex, Ordering, RwLock};
+use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering, RwLock};
 
 const OP_LOCK_STRIPES: usize = 4096;
 
@@ -64,6 +64,21 @@ impl MemoryUsage {
     pub fn total(&self) -> usize {
         self.vectors + self.links + self.fixed
     }
+}
+
+/// Counters describing an index, from [`Index::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Live entries.
+    pub live: usize,
+    /// Removed entries whose slots await reuse (tombstones still in the graph).
+    pub removed: usize,
+    /// Slots ever handed out (live + removed + never-published).
+    pub slots: usize,
+    /// Searches answered by an exact scan instead of the graph: unfiltered
+    /// searches whose graph pass found fewer than `k` live entries, and
+    /// filtered searches whose filter was too selective.
+    pub exact_scans: u64,
 }
 
 /// A concurrent HNSW index over `f32` vectors.
@@ -106,6 +121,8 @@ pub struct Index {
     pub(crate) anchor_lock: Mutex<()>,
     pub(crate) writer_gate: RwLock<()>,
     pub(crate) scratch: ScratchPool,
+    /// See [`Stats::exact_scans`].
+    pub(crate) exact_scans: AtomicU64,
 }
 
 impl std::fmt::Debug for Index {
@@ -145,6 +162,7 @@ impl Index {
             anchor_lock: Mutex::new(()),
             writer_gate: RwLock::new(()),
             scratch: ScratchPool::default(),
+            exact_scans: AtomicU64::new(0),
             params,
         })
     }
@@ -214,6 +232,27 @@ impl Index {
             }
         }
         Err(Error::KeyNotFound(key))
+    }
+
+    /// Counters: live and removed entries, slots, exact-scan fallbacks.
+    ///
+    /// ```
+    /// let index = nann::Index::new(nann::IndexParams::new(1, nann::Metric::L2))?;
+    /// index.insert(1, &[1.0])?;
+    /// index.insert(2, &[2.0])?;
+    /// index.remove(1)?;
+    /// let stats = index.stats();
+    /// assert_eq!((stats.live, stats.removed, stats.slots), (1, 1, 2));
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn stats(&self) -> Stats {
+        // Relaxed: statistics, not synchronisation.
+        Stats {
+            live: self.len(),
+            removed: self.free_slots.lock().len(),
+            slots: self.next_slot.load(Ordering::Relaxed),
+            exact_scans: self.exact_scans.load(Ordering::Relaxed),
+        }
     }
 
     /// Memory held by the index.

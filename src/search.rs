@@ -388,8 +388,23 @@ impl Index {
         (passed as f64).max(0.5) / live as f64
     }
 
-    /// Exact top-k over every live entry passing `filter`.
+    /// Exact top-k over every live entry passing `filter`, counted as a
+    /// fallback in [`Stats::exact_scans`](crate::Stats::exact_scans).
     pub(crate) fn exact_scan(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: &dyn Fn(u64) -> bool,
+        guard: &Guard,
+    ) -> Vec<Hit> {
+        // Relaxed: a statistic. Written only on this (rare, O(n)) fallback
+        // path, so the graph search path stays free of shared writes.
+        self.exact_scans.fetch_add(1, Ordering::Relaxed);
+        self.scan(query, k, filter, guard)
+    }
+
+    /// Exact top-k over every live entry passing `filter` (no accounting).
+    fn scan(
         &self,
         query: &[f32],
         k: usize,
@@ -439,7 +454,7 @@ impl Index {
     pub fn search_exact(&self, query: &[f32], k: usize) -> Result<Vec<Hit>> {
         let prepared = self.prepare(query)?;
         let guard = self.pin();
-        Ok(self.exact_scan(&prepared, k, &|_| true, &guard))
+        Ok(self.scan(&prepared, k, &|_| true, &guard))
     }
 
     /// Runs [`search`](Self::search) for every query on `threads` threads

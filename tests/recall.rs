@@ -27,18 +27,14 @@ fn recall_at(
     index.insert_many(&keys, &base.rows(), 2, |_| {}).unwrap();
     index.check_invariants().unwrap();
     let truth = support::ground_truth(base, queries, k, metric_name, 2);
-    let found: Vec<Vec<u64>> = queries
-        .rows()
-        .iter()
-        .map(|q| {
-            index
-                .search(q, k, ef)
-                .unwrap()
-                .iter()
-                .map(|h| h.key)
-                .collect()
-        })
-        .collect();
+    let found = support::search_keys(&index, queries, k, ef).unwrap();
+    // The graph alone must produce these results: an exact-scan fallback
+    // would hide a broken search behind a perfect score.
+    assert_eq!(
+        index.stats().exact_scans,
+        0,
+        "a search fell back to an exact scan"
+    );
     support::recall(&found, &truth, k, k)
 }
 
@@ -105,18 +101,8 @@ fn every_simd_level_gives_the_same_recall_as_scalar() {
         let index = Index::new(IndexParams::new(37, Metric::L2).isa(isa).seed(9)).unwrap();
         let keys: Vec<u64> = (0..base.len() as u64).collect();
         index.insert_many(&keys, &base.rows(), 1, |_| {}).unwrap();
-        let found: Vec<Vec<u64>> = queries
-            .rows()
-            .iter()
-            .map(|q| {
-                index
-                    .search(q, 10, 128)
-                    .unwrap()
-                    .iter()
-                    .map(|h| h.key)
-                    .collect()
-            })
-            .collect();
+        let found = support::search_keys(&index, &queries, 10, 128).unwrap();
+        assert_eq!(index.stats().exact_scans, 0, "{isa:?}: exact-scan fallback");
         let r = support::recall(&found, &truth, 10, 10);
         assert!(r >= 0.98, "{isa:?}: R@10 = {r}");
     }
@@ -157,18 +143,8 @@ fn recall_does_not_decay_under_repeated_updates() {
     let queries = support::uniform(500, dim, 78);
     let truth = support::ground_truth(&base, &queries, 10, "l2", 2);
     let recall_of = |index: &Index| {
-        let found: Vec<Vec<u64>> = queries
-            .rows()
-            .iter()
-            .map(|q| {
-                index
-                    .search(q, 10, 32)
-                    .unwrap()
-                    .iter()
-                    .map(|h| h.key)
-                    .collect()
-            })
-            .collect();
+        let found = support::search_keys(index, &queries, 10, 32).unwrap();
+        assert_eq!(index.stats().exact_scans, 0, "exact-scan fallback");
         support::recall(&found, &truth, 10, 10)
     };
     let (after_churn, fresh_build) = (recall_of(&churned), recall_of(&fresh));

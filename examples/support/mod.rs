@@ -217,3 +217,21 @@ pub fn recall(found: &[Vec<u64>], truth: &[u32], truth_k: usize, k: usize) -> f6
     }
     hits as f64 / (found.len() * k) as f64
 }
+
+/// Keys of the top-`k` hits of every query, nearest first.
+pub fn search_keys(
+    index: &nann::Index,
+    queries: &Vectors,
+    k: usize,
+    ef: usize,
+) -> Result<Vec<Vec<u64>>, nann::Error> {
+    queries
+        .rows()
+        .iter()
+        .map(|q| {
+            index
+                .search(q, k, ef)
+                .map(|hits| hits.iter().map(|h| h.key).collect())
+        })
+        .collect()
+}
