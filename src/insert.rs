@@ -7,8 +7,12 @@
 //!   ├─ search each layer for candidates       (no locks)
 //!   ├─ phase 1: write ALL forward lists       (own entry lock)
 //!   ├─ phase 2: reverse links, one neighbour at a time (its entry lock)
-//!   │            └─ shrink by the heuristic if the neighbour is full
-//!   └─ promote entry point if the level is new (promotion mutex held throughout)
+//!   │            ├─ shrink by the heuristic if the neighbour is full,
+//!   │            │  never dropping a node the neighbour anchors
+//!   │            └─ the first accepting neighbour (anchored, below the cap)
+//!   │               becomes the new node's anchor; else `force_anchor`
+//!   └─ promote entry point if the level is new (promotion mutex held throughout;
+//!      the new top node adopts the old root of the anchor tree)
 //! ```
 //!
 //! Phase 1 completes before phase 2 starts: a node becomes reachable (through
@@ -223,7 +227,7 @@ impl Index {
         };
         let promoting = level > max_level;
 
-        let (mut plan, _nearby) = self.plan_links(
+        let mut plan = self.plan_links(
             slot,
             query,
             entry_slot,
@@ -299,8 +303,7 @@ impl Index {
     }
 
     /// Searches every layer the node shares with the graph and selects its
-    /// neighbours; `plan[layer]` is the forward list for `layer`. Also returns
-    /// every layer-0 candidate found, nearest first (anchor fallbacks).
+    /// neighbours; `plan[layer]` is the forward list for `layer`.
     #[allow(clippy::too_many_arguments)]
     fn plan_links(
         &self,
@@ -311,11 +314,11 @@ impl Index {
         level: usize,
         scratch: &mut Scratch,
         guard: &Guard,
-    ) -> (Vec<Vec<u32>>, Vec<u32>) {
+    ) -> Vec<Vec<u32>> {
         let top = level.min(max_level);
         let mut plan = vec![Vec::new(); level + 1];
         let Some(start) = self.score(query, entry_slot, guard) else {
-            return (plan, Vec::new());
+            return plan;
         };
         let start = self.greedy_descent(query, start, max_level, top, &mut scratch.links, guard);
         let mut entries = vec![start];
@@ -342,8 +345,7 @@ impl Index {
                 entries = found;
             }
         }
-        let nearby = entries.iter().map(|s| s.slot).collect();
-        (plan, nearby)
+        plan
     }
 
     fn with_vectors<'g>(&'g self, scored: &[Scored], guard: &'g Guard) -> Vec<Candidate<'g>> {
