@@ -113,6 +113,43 @@ pub(crate) struct VectorRef<'g> {
     pub(crate) vector: &'g [f32],
 }
 
+/// An optimistic view of one neighbour list: read ids between `begin` and a
+/// successful `validate`, and discard what was read if validation fails.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LinksView<'a> {
+    lock: &'a EntryLock,
+    degree: &'a AtomicU32,
+    ids: &'a [AtomicU32],
+}
+
+impl LinksView<'_> {
+    /// Starts a read (waits while a writer holds the entry).
+    #[inline]
+    pub(crate) fn begin(&self) -> ReadVersion {
+        self.lock.read_begin()
+    }
+
+    /// The degree, bounded by the list's room (a torn value stays in bounds).
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        // Relaxed: validated by `validate` (lock.rs).
+        ((self.degree.load(Ordering::Relaxed) & DEGREE_MASK) as usize).min(self.ids.len())
+    }
+
+    /// Id `i` (`i < len()`).
+    #[inline]
+    pub(crate) fn id(&self, i: usize) -> u32 {
+        // Relaxed: validated by `validate` (lock.rs).
+        self.ids[i].load(Ordering::Relaxed)
+    }
+
+    /// Whether everything read since `begin` is a consistent snapshot.
+    #[inline]
+    pub(crate) fn validate(&self, version: ReadVersion) -> bool {
+        self.lock.read_validate(version)
+    }
+}
+
 pub(crate) struct Graph {
     m: usize,
     m0: usize,
@@ -290,6 +327,15 @@ impl Graph {
         if let Some(record) = self.level0.get(slot as usize) {
             crate::storage::prefetch_lines(record.as_ptr() as *const u8, record.len() * 4);
         }
+    }
+
+    /// Direct, optimistic access to one list, for loops that consume the ids
+    /// as they read them instead of copying them first (the search loop).
+    #[inline]
+    pub(crate) fn links_view(&self, slot: u32, layer: usize) -> Option<LinksView<'_>> {
+        let lock = self.lock(slot)?;
+        let (degree, ids) = self.list(slot, layer)?;
+        Some(LinksView { lock, degree, ids })
     }
 
     /// A consistent snapshot of `slot`'s neighbours on `layer`, taken

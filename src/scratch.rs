@@ -59,6 +59,15 @@ impl Visited {
         }
     }
 
+    /// Forgets that `slot` was visited (after a torn list read was discarded).
+    #[inline]
+    pub(crate) fn unmark(&mut self, slot: u32) {
+        if let Some(tag) = self.tags.get_mut(slot as usize) {
+            // Generation 0 is never current (see `reset`).
+            *tag = 0;
+        }
+    }
+
     /// Marks `slot`; returns `true` if it was not yet visited.
     #[inline]
     pub(crate) fn insert(&mut self, slot: u32) -> bool {

@@ -119,7 +119,6 @@ impl Index {
             visited,
             candidates,
             results,
-            links,
             fresh,
             ..
         } = scratch;
@@ -151,17 +150,31 @@ impl Index {
             {
                 break;
             }
-            self.graph.read_links(current.slot, layer, links);
             // Collect unvisited neighbours with their cell words and start
             // fetching their vectors, then score them: the loads overlap.
-            fresh.clear();
-            for &n in links.iter() {
-                if visited.insert(n) {
-                    let word = self.graph.cell_word(n);
-                    if word != NO_CELL {
-                        self.graph.vectors.prefetch(word & !TOMBSTONE);
+            // The ids are consumed straight from the list under an optimistic
+            // read; a torn read is rolled back (un-visited) and retried.
+            let Some(view) = self.graph.links_view(current.slot, layer) else {
+                continue;
+            };
+            loop {
+                let version = view.begin();
+                fresh.clear();
+                for i in 0..view.len() {
+                    let n = view.id(i);
+                    if visited.insert(n) {
+                        let word = self.graph.cell_word(n);
+                        if word != NO_CELL {
+                            self.graph.vectors.prefetch(word & !TOMBSTONE);
+                        }
                         fresh.push((n, word));
                     }
+                }
+                if view.validate(version) {
+                    break;
+                }
+                for &(n, _) in fresh.iter() {
+                    visited.unmark(n);
                 }
             }
             for &(n, word) in fresh.iter() {
