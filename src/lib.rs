@@ -31,7 +31,8 @@
 //!   fallback for selective filters), [`Index::search_batch`],
 //!   [`Index::update`] (in place: vector and links), [`Index::remove`]
 //!   (immediate; the slot is reused), [`Index::insert_many`] (parallel bulk
-//!   build with progress), [`Index::check_invariants`].
+//!   build with progress), [`Index::check_invariants`], [`Index::stats`],
+//!   [`Index::memory_usage`].
 //! * Metrics L2 (squared), inner product and cosine; SIMD kernels chosen at run
 //!   time (AVX-512F, AVX2+FMA, NEON, scalar).
 //! * Typed errors ([`Error`]); no panics on caller input; no printing.
