@@ -43,16 +43,10 @@
 //! * **Entry point and max level** are one `AtomicU64` (`level << 32 | slot`),
 //!   read with `Acquire`, written with `Release` under the index's promotion
 //!   mutex: a reader can never pair a new entry point with an old level.
-//! * **Anchors keep every node reachable.** The HNSW pruning heuristic can
-//!   drop a node's last in-edge (hnswlib #522's "isolated islands"). Each node
-//!   therefore has an *anchor*: one layer-0 in-edge that pruning never
-//!   removes. A new node's anchor is the first neighbour that accepts its
-//!   reverse link; the anchor edges form a tree rooted at the entry point
-//!   (a promoted entry point adopts the old one). Every other edge can be
-//!   pruned freely without disconnecting anything, so every node stays
-//!   reachable on layer 0 by construction; `check_invariants` verifies it.
-//!   Re-anchoring (after an update moves a node) refuses any anchor inside
-//!   the node's own subtree, so the tree never gains a cycle.
+//! * **Anchors keep every node reachable.** Each slot's anchor is one
+//!   layer-0 in-edge that pruning never removes; the anchors form a tree
+//!   rooted at the entry point (`anchor.rs`), which `check_invariants`
+//!   verifies.
 //! * **Publication order** (usearch #735): a new node's lists are written
 //!   (forward links) before any other node links to it (reverse links), and
 //!   its cell is published before either; see `insert.rs`.

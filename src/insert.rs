@@ -26,7 +26,7 @@
 use crossbeam_epoch::Guard;
 
 use crate::error::{Error, Result};
-use crate::graph::{NodeGuard, NO_CELL, ROOT, TOMBSTONE, UNANCHORED};
+use crate::graph::{NO_CELL, ROOT, TOMBSTONE, UNANCHORED};
 use crate::index::Index;
 use crate::scratch::{Scored, Scratch};
 use crate::search::Budget;
@@ -292,16 +292,6 @@ impl Index {
         }
     }
 
-    /// The layer-0 neighbours of `node` that it anchors (must never be dropped).
-    fn anchored_children(&self, node: &NodeGuard<'_>, buffer: &mut Vec<u32>) -> Vec<u32> {
-        self.graph.read_links_locked(node, 0, buffer);
-        buffer
-            .iter()
-            .copied()
-            .filter(|&c| self.graph.anchor(c) == node.slot())
-            .collect()
-    }
-
     /// Searches every layer the node shares with the graph and selects its
     /// neighbours; `plan[layer]` is the forward list for `layer`.
     #[allow(clippy::too_many_arguments)]
@@ -437,26 +427,6 @@ impl Index {
         claimed
     }
 
-    /// How many nodes one node may anchor: an eighth of the layer-0 degree.
-    /// Without a cap, a hub (a large-norm vector under inner product, say)
-    /// anchors every node near it and its list fills with protected entries
-    /// the heuristic can no longer choose. Measured on 20k x 64
-    /// inner-product data (R@10 at ef 10): no anchors 0.995, uncapped 0.881,
-    /// cap M0/4 0.992, cap M0/8 0.997; hnswlib 0.992.
-    /// At least 2, so the anchor tree can branch: with a cap of 1 it would
-    /// have to be a single chain, and concurrent inserts would race for its
-    /// one free end.
-    pub(crate) fn max_anchored(&self) -> usize {
-        self.graph.max_degree(0).div_ceil(8).max(2)
-    }
-
-    /// How many entries of `list` (a layer-0 list of `base`) `base` anchors.
-    fn anchored_count(&self, base: u32, list: &[u32]) -> usize {
-        list.iter()
-            .filter(|&&c| self.graph.anchor(c) == base)
-            .count()
-    }
-
     /// Re-selects `base`'s neighbours from `ids` by the heuristic, keeping
     /// every node `base` anchors (on layer 0).
     pub(crate) fn reselect(
@@ -486,146 +456,4 @@ impl Index {
         let candidates = self.with_vectors(&free, guard);
         self.select_neighbours(kept, &candidates, max)
     }
-
-    /// Fallback when no neighbour accepted a fresh node as its anchored child:
-    /// link it from one of its forward neighbours that has room and is below
-    /// the anchoring cap; failing that, from a node drawn at random (a hashed
-    /// starting point, then a scan) below the cap, preferring one with room
-    /// over giving up an unanchored entry. One always exists: n - 1 anchor
-    /// edges over n nodes average below one per node.
-    ///
-    /// Under inner product most nodes land here (hub lists are full and at
-    /// the cap: 151k of 200k inserts on the benchmark set). Measured there,
-    /// random long-range anchors give R@10 0.999 at ef 10, anchors forced
-    /// into nearby lists 0.955-0.974: the random edges double as NSW-style
-    /// long links. Under L2 the fallback is rare (315 of 100k inserts).
-    fn force_anchor(&self, slot: u32, preferred: &[u32], guard: &Guard) {
-        if self.try_force_anchor(slot, preferred.iter().copied(), false, guard) {
-            return;
-        }
-        // A pass can come up empty only if concurrent inserts took the last
-        // free places it looked at; the next pass sees the nodes they added.
-        let mut backoff = crate::sync::Backoff::new();
-        loop {
-            let slots = self.next_slot.load(Ordering::Acquire) as u32;
-            let start = (crate::level::splitmix64(slot as u64) % slots.max(1) as u64) as u32;
-            if self.try_force_anchor(slot, (start..slots).chain(0..start), false, guard)
-                || self.try_force_anchor(slot, (start..slots).chain(0..start), true, guard)
-            {
-                return;
-            }
-            backoff.snooze();
-        }
-    }
-
-    fn try_force_anchor(
-        &self,
-        slot: u32,
-        candidates: impl Iterator<Item = u32>,
-        evict: bool,
-        guard: &Guard,
-    ) -> bool {
-        let mut list = Vec::new();
-        for n in candidates {
-            if n == slot || matches!(self.graph.anchor(n), UNANCHORED) {
-                continue;
-            }
-            let Some(node) = self.graph.lock_node(n) else {
-                continue;
-            };
-            self.graph.read_links_locked(&node, 0, &mut list);
-            if self.anchored_count(n, &list) >= self.max_anchored() {
-                continue;
-            }
-            if !list.contains(&slot) {
-                if list.len() >= self.graph.max_degree(0) {
-                    if !evict {
-                        continue;
-                    }
-                    // Replace the farthest entry that `n` does not anchor.
-                    let Some(base) = self.graph.vector(n, guard) else {
-                        continue;
-                    };
-                    let victim = list
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, &c)| self.graph.anchor(c) != n)
-                        .filter_map(|(i, &c)| self.score(base.vector, c, guard).map(|s| (s, i)))
-                        .max_by(|a, b| a.0.cmp(&b.0));
-                    let Some((_, index)) = victim else {
-                        continue;
-                    };
-                    list[index] = slot;
-                } else {
-                    list.push(slot);
-                }
-                self.graph.write_links(&node, 0, &list);
-            }
-            self.graph.set_anchor(slot, n);
-            return true;
-        }
-        false
-    }
-
-    /// Moves `slot`'s anchor to the first of `candidates` that links it on
-    /// layer 0 and is not in its subtree (after an update moved the node).
-    pub(crate) fn reanchor(&self, slot: u32, candidates: &[u32]) {
-        for &q in candidates {
-            match self.try_anchor_at(slot, q) {
-                AnchorOutcome::Moved | AnchorOutcome::Unchanged => return,
-                AnchorOutcome::Refused => {}
-            }
-        }
-    }
-
-    /// Makes `q` the anchor of `child` if `q` links `child` on layer 0 and is
-    /// not `child`'s descendant in the anchor tree.
-    pub(crate) fn try_anchor_at(&self, child: u32, q: u32) -> AnchorOutcome {
-        let _anchors = self.anchor_lock.lock();
-        let current = self.graph.anchor(child);
-        if current == ROOT || current == UNANCHORED {
-            return AnchorOutcome::Unchanged;
-        }
-        if current == q {
-            return AnchorOutcome::Unchanged;
-        }
-        let Some(node) = self.graph.lock_node(q) else {
-            return AnchorOutcome::Refused;
-        };
-        let mut list = Vec::new();
-        self.graph.read_links_locked(&node, 0, &mut list);
-        if !list.contains(&child)
-            || self.anchored_count(q, &list) >= self.max_anchored()
-            || self.is_descendant(q, child)
-        {
-            return AnchorOutcome::Refused;
-        }
-        self.graph.set_anchor(child, q);
-        AnchorOutcome::Moved
-    }
-
-    /// Whether `node` lies in `ancestor`'s subtree of the anchor tree
-    /// (conservatively `true` if the walk cannot be completed).
-    fn is_descendant(&self, node: u32, ancestor: u32) -> bool {
-        let mut current = node;
-        for _ in 0..1_000_000 {
-            if current == ancestor {
-                return true;
-            }
-            match self.graph.anchor(current) {
-                ROOT => return false,
-                UNANCHORED => return true,
-                parent => current = parent,
-            }
-        }
-        true
-    }
-}
-
-/// What `try_anchor_at` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AnchorOutcome {
-    Moved,
-    Unchanged,
-    Refused,
 }

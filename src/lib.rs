@@ -64,6 +64,7 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, unsafe_op_in_unsafe_fn)]
 
+mod anchor;
 mod distance;
 mod error;
 mod graph;
