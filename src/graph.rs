@@ -55,7 +55,7 @@ use crossbeam_epoch::Guard;
 
 use crate::error::{Error, Result};
 use crate::lock::{EntryLock, EntryWriteGuard, ReadVersion};
-use crate::storage::{CellId, Chunked, VectorArena};
+use crate::storage::{CellId, CellReader, Chunked, VectorArena};
 use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// Bit 31 of a cell word: the entry was removed (kept for navigation).
@@ -141,6 +141,47 @@ impl LinksView<'_> {
     #[inline]
     pub(crate) fn validate(&self, version: ReadVersion) -> bool {
         self.lock.read_validate(version)
+    }
+}
+
+/// See [`Graph::search_view`].
+pub(crate) struct SearchView<'g> {
+    cells: &'g [AtomicU32],
+    vectors: CellReader<'g>,
+    graph: &'g Graph,
+}
+
+impl<'g> SearchView<'g> {
+    /// As [`Graph::cell_word`].
+    #[inline]
+    pub(crate) fn cell_word(&self, slot: u32) -> u32 {
+        match self.cells.get(slot as usize) {
+            // Acquire: as in `Graph::cell_word`.
+            Some(word) => word.load(Ordering::Acquire),
+            None => self.graph.cell_word(slot),
+        }
+    }
+
+    /// As [`Graph::vector_of_word`].
+    #[inline]
+    pub(crate) fn vector_of_word(&self, word: u32) -> Option<VectorRef<'g>> {
+        if word == NO_CELL {
+            return None;
+        }
+        let cell = word & !TOMBSTONE;
+        Some(VectorRef {
+            cell,
+            tombstoned: word & TOMBSTONE != 0,
+            vector: self.vectors.read(cell)?,
+        })
+    }
+
+    /// Hints the CPU to fetch the vector a cell word names.
+    #[inline]
+    pub(crate) fn prefetch(&self, word: u32) {
+        if word != NO_CELL {
+            self.vectors.prefetch(word & !TOMBSTONE);
+        }
     }
 }
 
@@ -416,6 +457,17 @@ impl Graph {
             tombstoned: word & TOMBSTONE != 0,
             vector: self.vectors.read(cell, guard)?,
         })
+    }
+
+    /// Accessors for the search loop, resolving slots and cells of the first
+    /// chunks without chunk lookups.
+    #[inline]
+    pub(crate) fn search_view<'g>(&'g self, guard: &'g Guard) -> SearchView<'g> {
+        SearchView {
+            cells: self.cells.first_chunk(),
+            vectors: self.vectors.reader(guard),
+            graph: self,
+        }
     }
 
     /// Publishes `cell` as `slot`'s vector (clearing any tombstone) and

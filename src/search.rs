@@ -23,7 +23,7 @@ use std::cmp::Reverse;
 use crossbeam_epoch::Guard;
 
 use crate::error::Result;
-use crate::graph::{VectorRef, NO_CELL, TOMBSTONE};
+use crate::graph::VectorRef;
 use crate::index::{Hit, Index};
 use crate::scratch::{Scored, Scratch};
 use crate::sync::Ordering;
@@ -125,6 +125,7 @@ impl Index {
         visited.reset(slots);
         candidates.clear();
         results.clear();
+        let view = self.graph.search_view(guard);
 
         for &entry in entries {
             if !visited.insert(entry.slot) {
@@ -154,23 +155,21 @@ impl Index {
             // fetching their vectors, then score them: the loads overlap.
             // The ids are consumed straight from the list under an optimistic
             // read; a torn read is rolled back (un-visited) and retried.
-            let Some(view) = self.graph.links_view(current.slot, layer) else {
+            let Some(list) = self.graph.links_view(current.slot, layer) else {
                 continue;
             };
             loop {
-                let version = view.begin();
+                let version = list.begin();
                 fresh.clear();
-                for i in 0..view.len() {
-                    let n = view.id(i);
+                for i in 0..list.len() {
+                    let n = list.id(i);
                     if visited.insert(n) {
-                        let word = self.graph.cell_word(n);
-                        if word != NO_CELL {
-                            self.graph.vectors.prefetch(word & !TOMBSTONE);
-                        }
+                        let word = view.cell_word(n);
+                        view.prefetch(word);
                         fresh.push((n, word));
                     }
                 }
-                if view.validate(version) {
+                if list.validate(version) {
                     break;
                 }
                 for &(n, _) in fresh.iter() {
@@ -178,7 +177,7 @@ impl Index {
                 }
             }
             for &(n, word) in fresh.iter() {
-                let Some(v) = self.graph.vector_of_word(word, guard) else {
+                let Some(v) = view.vector_of_word(word) else {
                     continue;
                 };
                 budget.spent += 1;

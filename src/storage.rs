@@ -154,6 +154,19 @@ impl<T> Chunked<T> {
         }
     }
 
+    /// The first chunk as one slice of single-element records (`stride` 1),
+    /// for hot loops: indexing it needs no chunk lookup.
+    pub(crate) fn first_chunk(&self) -> &[T] {
+        // Acquire: pairs with the Release publication in `reserve`.
+        let ptr = self.chunks[0].load(Ordering::Acquire);
+        if ptr.is_null() {
+            return &[];
+        }
+        // SAFETY: as in `get`: chunk 0 holds `chunk_len(0) * stride`
+        // initialised elements and lives until `Drop` (`&mut self`).
+        unsafe { std::slice::from_raw_parts(ptr, self.geometry.chunk_len(0) * self.stride) }
+    }
+
     /// Makes sure records `0..len` exist, allocating chunks as needed. Never
     /// moves existing records; readers are not blocked (they never take
     /// `grow_lock`).
@@ -379,6 +392,24 @@ impl VectorArena {
         Some(unsafe { std::slice::from_raw_parts(ptr, self.dim) })
     }
 
+    /// A reader for the search loop: it resolves cells of the first chunk
+    /// with one multiply (no chunk lookup) and borrows under `guard`.
+    pub(crate) fn reader<'g>(&'g self, guard: &'g Guard) -> CellReader<'g> {
+        // Acquire: pairs with the Release in `ensure_chunk`.
+        let base = self.chunks[0].load(Ordering::Acquire);
+        CellReader {
+            base,
+            first: if base.is_null() {
+                0
+            } else {
+                self.geometry.chunk_len(0)
+            },
+            dim: self.dim,
+            arena: self,
+            guard,
+        }
+    }
+
     /// The key stored with a cell.
     #[inline]
     pub(crate) fn key(&self, cell: CellId) -> u64 {
@@ -411,6 +442,48 @@ impl VectorArena {
     /// Bytes allocated for the keys stored beside the cells.
     pub(crate) fn key_bytes(&self) -> usize {
         self.keys.allocated_bytes()
+    }
+}
+
+/// See [`VectorArena::reader`].
+pub(crate) struct CellReader<'g> {
+    base: *const f32,
+    first: usize,
+    dim: usize,
+    arena: &'g VectorArena,
+    guard: &'g Guard,
+}
+
+impl<'g> CellReader<'g> {
+    /// The vector in a published cell whose id was loaded under the guard
+    /// this reader borrows (the protocol of [`VectorArena::read`]).
+    #[inline]
+    pub(crate) fn read(&self, cell: CellId) -> Option<&'g [f32]> {
+        let index = cell as usize;
+        if index < self.first {
+            // SAFETY: chunk 0 (`base`, `first` cells of `dim` f32s) lives
+            // until the arena drops, which the `'g` borrow excludes;
+            // `index < first` keeps the slice inside it. The cell is
+            // published and immutable under the guard, as in `VectorArena::read`.
+            return Some(unsafe {
+                std::slice::from_raw_parts(self.base.add(index * self.dim), self.dim)
+            });
+        }
+        self.arena.read(cell, self.guard)
+    }
+
+    /// Hints the CPU to fetch a cell's vector.
+    #[inline]
+    pub(crate) fn prefetch(&self, cell: CellId) {
+        let index = cell as usize;
+        if index < self.first {
+            prefetch_lines(
+                self.base.wrapping_add(index * self.dim) as *const u8,
+                self.dim * 4,
+            );
+        } else {
+            self.arena.prefetch(cell);
+        }
     }
 }
 
