@@ -122,10 +122,15 @@ impl Index {
                 continue;
             };
             self.graph.read_links_locked(&node, 0, &mut list);
+            let linked = list.contains(&slot);
+            // Cheap test first: a full list is no use without eviction.
+            if !linked && !evict && list.len() >= self.graph.max_degree(0) {
+                continue;
+            }
             if self.anchored_count(n, &list) >= self.max_anchored() {
                 continue;
             }
-            if !list.contains(&slot) {
+            if !linked {
                 if list.len() >= self.graph.max_degree(0) {
                     if !evict {
                         continue;
