@@ -144,6 +144,12 @@ impl LinksView<'_> {
     }
 }
 
+/// (cell id, tombstoned) of a cell word, or `None` for a never-published slot.
+#[inline]
+fn decode_cell_word(word: u32) -> Option<(CellId, bool)> {
+    (word != NO_CELL).then_some((word & !TOMBSTONE, word & TOMBSTONE != 0))
+}
+
 /// See [`Graph::search_view`].
 pub(crate) struct SearchView<'g> {
     cells: &'g [AtomicU32],
@@ -162,16 +168,13 @@ impl<'g> SearchView<'g> {
         }
     }
 
-    /// As [`Graph::vector_of_word`].
+    /// As [`Graph::vector`], for a cell word loaded under this view's guard.
     #[inline]
     pub(crate) fn vector_of_word(&self, word: u32) -> Option<VectorRef<'g>> {
-        if word == NO_CELL {
-            return None;
-        }
-        let cell = word & !TOMBSTONE;
+        let (cell, tombstoned) = decode_cell_word(word)?;
         Some(VectorRef {
             cell,
-            tombstoned: word & TOMBSTONE != 0,
+            tombstoned,
             vector: self.vectors.read(cell)?,
         })
     }
@@ -437,24 +440,10 @@ impl Graph {
     /// under which the cell word was loaded (see `VectorArena::read`).
     #[inline]
     pub(crate) fn vector<'g>(&'g self, slot: u32, guard: &'g Guard) -> Option<VectorRef<'g>> {
-        self.vector_of_word(self.cell_word(slot), guard)
-    }
-
-    /// The vector named by a cell word that was loaded (by `cell_word`)
-    /// under `guard`.
-    #[inline]
-    pub(crate) fn vector_of_word<'g>(
-        &'g self,
-        word: u32,
-        guard: &'g Guard,
-    ) -> Option<VectorRef<'g>> {
-        if word == NO_CELL {
-            return None;
-        }
-        let cell = word & !TOMBSTONE;
+        let (cell, tombstoned) = decode_cell_word(self.cell_word(slot))?;
         Some(VectorRef {
             cell,
-            tombstoned: word & TOMBSTONE != 0,
+            tombstoned,
             vector: self.vectors.read(cell, guard)?,
         })
     }
