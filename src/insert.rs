@@ -325,8 +325,7 @@ impl Index {
                 |s, _: &_| s != slot,
                 &mut Budget::unlimited(),
             );
-            let mut found: Vec<Scored> = scratch.results.drain().collect();
-            found.sort_unstable();
+            let found: Vec<Scored> = scratch.beam.results().collect();
             let candidates = self.with_vectors(&found, guard);
             // hnswlib selects M forward links on every layer (M0 = 2M is room
             // for reverse links on layer 0).

@@ -65,6 +65,7 @@
 #![warn(missing_debug_implementations, unsafe_op_in_unsafe_fn)]
 
 mod anchor;
+mod beam;
 mod distance;
 mod error;
 mod graph;

@@ -7,8 +7,9 @@
 //! pool owned by the index (regex-automata's `Pool` idea, without thread
 //! locals, so an index dropped on one thread leaves nothing behind on others).
 
-use std::cmp::{Ordering as CmpOrdering, Reverse};
-use std::collections::BinaryHeap;
+use std::cmp::Ordering as CmpOrdering;
+
+use crate::beam::Beam;
 
 use crate::sync::Mutex;
 
@@ -89,10 +90,8 @@ impl Visited {
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
     pub(crate) visited: Visited,
-    /// Frontier, nearest first.
-    pub(crate) candidates: BinaryHeap<Reverse<Scored>>,
-    /// Best accepted so far, farthest on top.
-    pub(crate) results: BinaryHeap<Scored>,
+    /// The beam of the current layer search (frontier and results).
+    pub(crate) beam: Beam,
     /// A copied neighbour list.
     pub(crate) links: Vec<u32>,
     /// Unvisited neighbours of the node being expanded, with their cell words.

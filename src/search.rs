@@ -18,8 +18,6 @@
 //! neighbours and prefetches their vectors, then computes the distances, so
 //! the memory loads of one expansion overlap instead of queueing one by one.
 
-use std::cmp::Reverse;
-
 use crossbeam_epoch::Guard;
 
 use crate::error::Result;
@@ -99,7 +97,7 @@ impl Index {
     }
 
     /// Beam search of width `ef` on `layer` from `entries`. Accepted nodes end
-    /// in `scratch.results` (farthest on top); every reachable node, accepted
+    /// in `scratch.beam` (nearest first); every reachable node, accepted
     /// or not, is traversed. Returns `false` if the budget ran out first.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn search_layer(
@@ -113,18 +111,15 @@ impl Index {
         mut accept: impl FnMut(u32, &VectorRef<'_>) -> bool,
         budget: &mut Budget,
     ) -> bool {
-        let ef = ef.max(1);
         let slots = self.next_slot.load(Ordering::Acquire);
         let Scratch {
             visited,
-            candidates,
-            results,
+            beam,
             fresh,
             ..
         } = scratch;
         visited.reset(slots);
-        candidates.clear();
-        results.clear();
+        beam.reset(ef);
         let view = self.graph.search_view(guard);
 
         for &entry in entries {
@@ -134,23 +129,10 @@ impl Index {
             let Some(v) = self.graph.vector(entry.slot, guard) else {
                 continue;
             };
-            candidates.push(Reverse(entry));
-            if accept(entry.slot, &v) {
-                results.push(entry);
-            }
-        }
-        while results.len() > ef {
-            results.pop();
+            beam.push(entry, accept(entry.slot, &v));
         }
 
-        while let Some(Reverse(current)) = candidates.pop() {
-            if results.len() >= ef
-                && results
-                    .peek()
-                    .is_some_and(|worst| current.dist > worst.dist)
-            {
-                break;
-            }
+        while let Some(current) = beam.pop_nearest() {
             // Collect unvisited neighbours with their cell words and start
             // fetching their vectors, then score them: the loads overlap.
             // The ids are consumed straight from the list under an optimistic
@@ -182,27 +164,19 @@ impl Index {
                 };
                 budget.spent += 1;
                 let dist = self.dist(query, v.vector);
-                let admits =
-                    results.len() < ef || results.peek().is_some_and(|worst| dist < worst.dist);
-                if admits {
+                if beam.admits(dist) {
                     let scored = Scored {
                         dist,
                         slot: n,
                         cell: v.cell,
                     };
-                    candidates.push(Reverse(scored));
-                    if accept(n, &v) {
-                        results.push(scored);
-                        if results.len() > ef {
-                            results.pop();
-                        }
-                    }
+                    beam.push(scored, accept(n, &v));
                 }
             }
             if layer == 0 {
                 // The next expansion reads the best candidate's list: start
                 // fetching it now (hnswlib does the same).
-                if let Some(Reverse(next)) = candidates.peek() {
+                if let Some(next) = beam.peek_nearest() {
                     self.graph.prefetch_links(next.slot);
                 }
             }
@@ -233,11 +207,9 @@ impl Index {
         ])
     }
 
-    /// Turns `scratch.results` into the `k` best hits, nearest first.
+    /// Turns `scratch.beam`'s results into the `k` best hits, nearest first.
     fn take_hits(&self, scratch: &mut Scratch, k: usize) -> Vec<Hit> {
-        let mut best: Vec<Scored> = scratch.results.drain().collect();
-        best.sort_unstable();
-        best.truncate(k);
+        let best: Vec<Scored> = scratch.beam.results().take(k).collect();
         self.to_hits(&best)
     }
 
