@@ -53,6 +53,23 @@ pub enum Error {
         /// What is wrong and what range is accepted.
         reason: String,
     },
+    /// An I/O operation on an index file failed.
+    #[error("{operation} {path}: {message}")]
+    Io {
+        /// What was being done (`open`, `write`, `fsync`, `rename`, ...).
+        operation: &'static str,
+        /// The file or directory.
+        path: String,
+        /// The OS error's kind.
+        kind: std::io::ErrorKind,
+        /// The OS error's message.
+        message: String,
+    },
+    /// A file is not a valid index (damaged, truncated, from another format
+    /// version or build, or crafted).
+    #[cfg(not(loom))]
+    #[error(transparent)]
+    Format(crate::persist::FormatError),
 }
 
 /// A specialised `Result` for index operations.

@@ -77,6 +77,31 @@ const DEGREE_MASK: u32 = (1 << DEGREE_BITS) - 1;
 /// 16 is reached with probability ~M^-16: never, in practice).
 pub(crate) const MAX_LEVEL: usize = 16;
 
+/// A graph's raw arrays, as saved (see [`Graph::export`]).
+#[cfg(not(loom))]
+#[derive(Debug)]
+pub(crate) struct GraphExport {
+    pub(crate) level0: Vec<u32>,
+    pub(crate) cells: Vec<u32>,
+    pub(crate) anchors: Vec<u32>,
+    /// Per block: level, then `level x (1 + M)` words.
+    pub(crate) upper: Vec<u32>,
+    pub(crate) upper_count: usize,
+    pub(crate) entry: Option<(u32, usize)>,
+}
+
+/// Validated raw arrays to restore (see [`Graph::import`]).
+#[cfg(not(loom))]
+#[derive(Debug)]
+pub(crate) struct GraphImport<'a> {
+    pub(crate) level0: &'a [u32],
+    pub(crate) cells: &'a [u32],
+    pub(crate) anchors: &'a [u32],
+    /// (level, words) per upper block, in table order.
+    pub(crate) upper_blocks: Vec<(usize, &'a [u32])>,
+    pub(crate) entry: Option<(u32, usize)>,
+}
+
 /// The upper-layer lists of one node (levels 1..=level).
 struct UpperLinks {
     level: usize,
@@ -567,6 +592,106 @@ impl Graph {
         let mut out = Vec::new();
         self.copy_list(degree, ids, &mut out);
         Some((raw, out))
+    }
+
+    /// The raw arrays of the first `slots` slots, for saving. The caller
+    /// holds the index quiescent (no writer runs), so plain loads see a
+    /// consistent graph. Lock words are written as 0 (unlocked, version 0);
+    /// cell words are replaced by `cell_of(slot)` (saved files hold one vector
+    /// per slot, so cell ids are renumbered to slot ids).
+    #[cfg(not(loom))]
+    pub(crate) fn export(&self, slots: usize) -> GraphExport {
+        let stride = 2 + self.m0;
+        let mut level0 = Vec::with_capacity(slots * stride);
+        let mut cells = Vec::with_capacity(slots);
+        let mut anchors = Vec::with_capacity(slots);
+        for slot in 0..slots {
+            match self.level0.get(slot) {
+                Some(record) => {
+                    level0.push(0);
+                    // Relaxed (all loads here): the caller's exclusive
+                    // writer_gate hold orders them after every write.
+                    level0.extend(record[1..].iter().map(|w| w.load(Ordering::Relaxed)));
+                }
+                None => level0.extend(std::iter::repeat_n(0, stride)),
+            }
+            let word = self.cell_word(slot as u32);
+            cells.push(if word == NO_CELL {
+                NO_CELL
+            } else {
+                slot as u32 | (word & TOMBSTONE)
+            });
+            anchors.push(self.anchor(slot as u32));
+        }
+        let upper_count = self.upper_count.load(Ordering::Relaxed) as usize;
+        let mut upper = Vec::new();
+        for index in 0..upper_count {
+            let block = self.upper_nodes.get(index).and_then(|cell| {
+                // SAFETY: see `upper_links`; blocks live until `Drop`.
+                unsafe { cell[0].load(Ordering::Acquire).as_ref() }
+            });
+            match block {
+                Some(block) => {
+                    upper.push(block.level as u32);
+                    upper.extend(block.words.iter().map(|w| w.load(Ordering::Relaxed)));
+                }
+                None => upper.push(0),
+            }
+        }
+        GraphExport {
+            level0,
+            cells,
+            anchors,
+            upper,
+            upper_count,
+            entry: self.entry(),
+        }
+    }
+
+    /// Restores lists, cell words, anchors, upper blocks and the entry point
+    /// from validated arrays (see `persist::restore`) into a fresh graph whose
+    /// slot capacity is at least `cells.len()`. Cell ids must already name
+    /// cells of `self.vectors`.
+    #[cfg(not(loom))]
+    pub(crate) fn import(&self, data: &GraphImport<'_>) -> Result<()> {
+        let stride = 2 + self.m0;
+        for (slot, record) in data.level0.chunks_exact(stride).enumerate() {
+            let dst = self.level0.get(slot).ok_or(Error::CapacityExceeded {
+                limit: self.slot_capacity(),
+            })?;
+            // Relaxed (all stores here): the graph is not shared yet; the
+            // index reaches other threads only through a later hand-off that
+            // synchronises (moving or Arc-sharing the Index).
+            for (d, &w) in dst[1..].iter().zip(&record[1..]) {
+                d.store(w, Ordering::Relaxed);
+            }
+        }
+        for (slot, &word) in data.cells.iter().enumerate() {
+            if let Some(c) = self.cells.get(slot) {
+                c[0].store(word, Ordering::Relaxed);
+            }
+        }
+        for (slot, &anchor) in data.anchors.iter().enumerate() {
+            self.set_anchor(slot as u32, anchor);
+        }
+        self.upper_nodes.reserve(data.upper_blocks.len().max(1))?;
+        for (index, &(level, words)) in data.upper_blocks.iter().enumerate() {
+            let block = Box::into_raw(Box::new(UpperLinks {
+                level,
+                words: words.iter().map(|&w| AtomicU32::new(w)).collect(),
+            }));
+            let cell = self
+                .upper_nodes
+                .get(index)
+                .ok_or(Error::OutOfMemory { bytes: 0 })?;
+            cell[0].store(block, Ordering::Release);
+        }
+        self.upper_count
+            .store(data.upper_blocks.len() as u32, Ordering::Relaxed);
+        if let Some((slot, level)) = data.entry {
+            self.set_entry(slot, level);
+        }
+        Ok(())
     }
 
     /// Test hook: overwrite a degree word without any check.

@@ -31,6 +31,19 @@ impl LevelGenerator {
         }
     }
 
+    /// Draws made so far (saved with an index, so a reopened index keeps
+    /// drawing the same sequence).
+    pub(crate) fn position(&self) -> u64 {
+        // Relaxed: read while the index is quiescent (saving).
+        self.counter.load(Ordering::Relaxed)
+    }
+
+    /// Continues the sequence from draw `position`.
+    pub(crate) fn set_position(&self, position: u64) {
+        // Relaxed: the index is not shared yet (opening).
+        self.counter.store(position, Ordering::Relaxed);
+    }
+
     pub(crate) fn next(&self) -> usize {
         // Relaxed: only uniqueness of the counter value matters.
         let i = self.counter.fetch_add(1, Ordering::Relaxed);

@@ -77,6 +77,8 @@ mod level;
 mod lock;
 mod parallel;
 mod params;
+#[cfg(not(loom))]
+mod persist;
 mod scratch;
 mod search;
 mod storage;
@@ -89,3 +91,5 @@ pub use index::{Hit, Index, MemoryUsage};
 pub use insert::Progress;
 pub use lock::{EntryLock, ReadVersion};
 pub use params::IndexParams;
+#[cfg(not(loom))]
+pub use persist::FormatError;

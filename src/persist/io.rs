@@ -1,0 +1,81 @@
+//! The atomic write of a whole file: temporary file in the target's
+//! directory, fsync, rename over the target, fsync of the directory.
+//!
+//! Each step matters for durability after a power loss: without the file
+//! fsync the rename can reach the disk before the data (an empty or partial
+//! file under the final name); without the directory fsync the rename itself
+//! can be lost (the old file comes back). An fsync error is a failed save:
+//! it is reported, never retried into a success.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+
+/// A typed I/O error naming the operation and the path.
+pub(crate) fn error(operation: &'static str, path: &Path, e: std::io::Error) -> Error {
+    Error::Io {
+        operation,
+        path: path.display().to_string(),
+        kind: e.kind(),
+        message: e.to_string(),
+    }
+}
+
+/// Writes the concatenation of `parts` to `path` atomically.
+pub(crate) fn write_atomically(path: &Path, parts: &[&[u8]]) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidParameter {
+            name: "path",
+            reason: format!("{} does not name a file", path.display()),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    // Relaxed: only distinctness of the suffix matters.
+    let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.tmp.{}.{unique}", std::process::id()));
+
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| error("create", &tmp, e))?;
+        for part in parts {
+            file.write_all(part).map_err(|e| error("write", &tmp, e))?;
+        }
+        file.sync_all().map_err(|e| error("fsync", &tmp, e))?;
+        drop(file);
+        fs::rename(&tmp, path).map_err(|e| error("rename", path, e))?;
+        sync_dir(&dir)
+    })();
+    if result.is_err() {
+        // Best effort: the temporary file is not the index; leaving it
+        // behind is harmless, removing it keeps the directory clean.
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// fsyncs a directory, so a rename in it is durable (a no-op off Unix).
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| error("fsync directory", dir, e))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}

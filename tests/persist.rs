@@ -1,0 +1,380 @@
+//! Saving and opening: round trips, and damaged or forged files that must
+//! give a typed error (never a panic, never an index that fails its
+//! invariants).
+
+use nann::{Error, FormatError, Index, IndexParams, Metric};
+
+fn rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+fn random_vector(next: &mut impl FnMut() -> u64, dim: usize) -> Vec<f32> {
+    (0..dim)
+        .map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        .collect()
+}
+
+/// An index with several layers, removals (tombstones) and in-place updates.
+fn churned_index(n: u64, dim: usize, m: usize, metric: Metric) -> Index {
+    let mut next = rng(n ^ dim as u64);
+    let index = Index::new(IndexParams::new(dim, metric).m(m).ef_construction(64)).unwrap();
+    for key in 0..n {
+        index.insert(key, &random_vector(&mut next, dim)).unwrap();
+    }
+    for key in (0..n).step_by(7) {
+        index.remove(key).unwrap();
+    }
+    for key in (1..n).step_by(5) {
+        if index.contains(key) {
+            index.update(key, &random_vector(&mut next, dim)).unwrap();
+        }
+    }
+    // Reuse some removed slots.
+    for key in n..n + n / 20 {
+        index.insert(key, &random_vector(&mut next, dim)).unwrap();
+    }
+    index
+}
+
+fn temp_path(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("nann-persist-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn saved_bytes(index: &Index, name: &str) -> Vec<u8> {
+    let path = temp_path(name);
+    index.save(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    bytes
+}
+
+#[test]
+fn round_trip_keeps_every_answer_and_stays_writable() {
+    for metric in [Metric::L2, Metric::InnerProduct, Metric::Cosine] {
+        let index = churned_index(3000, 12, 8, metric);
+        let path = temp_path(&format!("round-trip-{metric:?}.nann"));
+        index.save(&path).unwrap();
+        let reopened = Index::open(&path).unwrap();
+        let copied = Index::open_untrusted(&path).unwrap();
+        assert_eq!(reopened.len(), index.len());
+        assert_eq!(reopened.stats().removed, index.stats().removed);
+        reopened.check_invariants().unwrap();
+
+        let mut next = rng(99);
+        for _ in 0..100 {
+            let q = random_vector(&mut next, 12);
+            let want = index.search(&q, 10, 48).unwrap();
+            assert_eq!(reopened.search(&q, 10, 48).unwrap(), want);
+            assert_eq!(copied.search(&q, 10, 48).unwrap(), want);
+        }
+        for key in [0u64, 1, 7, 11, 2999, 3100] {
+            assert_eq!(reopened.contains(key), index.contains(key), "key {key}");
+            if index.contains(key) {
+                assert_eq!(reopened.get(key).unwrap(), index.get(key).unwrap());
+            }
+        }
+
+        // The reopened index is live: writes work and keep it consistent.
+        reopened
+            .insert(1_000_000, &random_vector(&mut next, 12))
+            .unwrap();
+        reopened.update(1, &random_vector(&mut next, 12)).unwrap();
+        reopened.remove(2).unwrap();
+        reopened.check_invariants().unwrap();
+        reopened.save(&path).unwrap();
+        let again = Index::open(&path).unwrap();
+        assert!(again.contains(1_000_000) && !again.contains(2));
+        assert_eq!(again.len(), reopened.len());
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+#[test]
+fn empty_and_single_entry_indexes_round_trip() {
+    let empty = Index::new(IndexParams::new(3, Metric::L2)).unwrap();
+    let reopened = Index::from_bytes(&saved_bytes(&empty, "empty.nann")).unwrap();
+    assert!(reopened.is_empty());
+    assert!(reopened.search(&[0.0; 3], 5, 10).unwrap().is_empty());
+    reopened.insert(4, &[1.0, 2.0, 3.0]).unwrap();
+    assert_eq!(reopened.search(&[1.0, 2.0, 3.0], 1, 10).unwrap()[0].key, 4);
+
+    let one = Index::new(IndexParams::new(3, Metric::L2)).unwrap();
+    one.insert(42, &[1.0, 0.0, 0.0]).unwrap();
+    let reopened = Index::from_bytes(&saved_bytes(&one, "one.nann")).unwrap();
+    assert_eq!(reopened.search(&[0.0; 3], 1, 10).unwrap()[0].key, 42);
+}
+
+#[test]
+fn a_failed_save_leaves_the_previous_file_intact() {
+    let index = churned_index(200, 4, 4, Metric::L2);
+    let missing_dir = temp_path("no-such-dir").join("index.nann");
+    assert!(matches!(index.save(&missing_dir), Err(Error::Io { .. })));
+    let path = temp_path("intact.nann");
+    index.save(&path).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    // Saving onto a path whose directory is a file fails; the old file stays.
+    let bad = path.join("child");
+    assert!(index.save(&bad).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// Opening must give `Err(Format)` or an index that passes its invariants;
+/// a panic fails the test.
+fn open_is_safe(bytes: &[u8]) -> bool {
+    match Index::from_bytes(bytes) {
+        Ok(index) => {
+            index.check_invariants().expect("an opened index is valid");
+            true
+        }
+        Err(Error::Format(_)) => false,
+        Err(other) => panic!("unexpected error kind: {other}"),
+    }
+}
+
+#[test]
+fn truncation_at_every_offset_is_rejected() {
+    let bytes = saved_bytes(&churned_index(120, 4, 4, Metric::L2), "trunc.nann");
+    assert!(bytes.len() < 64 * 1024, "file is {} bytes", bytes.len());
+    for len in 0..bytes.len() {
+        assert!(
+            !open_is_safe(&bytes[..len]),
+            "truncated to {len} bytes but accepted"
+        );
+    }
+    // Trailing garbage is rejected too (the header records the length).
+    let mut longer = bytes.clone();
+    longer.extend_from_slice(&[0; 64]);
+    assert!(!open_is_safe(&longer));
+    assert!(open_is_safe(&bytes));
+}
+
+#[test]
+fn random_bit_flips_and_overwrites_are_rejected() {
+    let original = churned_index(300, 6, 4, Metric::Cosine);
+    let bytes = saved_bytes(&original, "flips.nann");
+    let mut next = rng(7);
+    let probes: Vec<Vec<f32>> = (0..4).map(|_| random_vector(&mut next, 6)).collect();
+    let flips: usize = std::env::var("NANN_FLIPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    for _ in 0..flips {
+        let mut damaged = bytes.clone();
+        let bit = (next() % (damaged.len() as u64 * 8)) as usize;
+        damaged[bit / 8] ^= 1 << (bit % 8);
+        // CRC32C catches every single-bit error in a checksummed region;
+        // padding between sections is the only unprotected space.
+        // So an accepted file must be the original, answer for answer.
+        if open_is_safe(&damaged) {
+            let opened = Index::from_bytes(&damaged).unwrap();
+            assert_eq!(opened.len(), original.len());
+            for q in &probes {
+                assert_eq!(
+                    opened.search(q, 5, 300).unwrap(),
+                    original.search(q, 5, 300).unwrap(),
+                    "bit {bit} flipped, file accepted with different contents"
+                );
+            }
+        }
+    }
+    for _ in 0..flips / 3 {
+        let mut damaged = bytes.clone();
+        let at = (next() % damaged.len() as u64) as usize;
+        let n = (1 + next() % 8) as usize;
+        for b in damaged.iter_mut().skip(at).take(n) {
+            *b = next() as u8;
+        }
+        open_is_safe(&damaged);
+    }
+}
+
+// ---- forged files: checksums recomputed, so only validation stands guard ----
+
+const FIXED_LEN: usize = 128;
+const ENTRY_LEN: usize = 32;
+const SECTIONS: usize = 6;
+
+fn section_range(bytes: &[u8], index: usize) -> std::ops::Range<usize> {
+    let e = FIXED_LEN + index * ENTRY_LEN;
+    let offset = u64::from_le_bytes(bytes[e + 8..e + 16].try_into().unwrap()) as usize;
+    let len = u64::from_le_bytes(bytes[e + 16..e + 24].try_into().unwrap()) as usize;
+    offset..offset.saturating_add(len)
+}
+
+/// Recomputes every section checksum and the header checksum.
+fn reseal(bytes: &mut [u8]) {
+    for i in 0..SECTIONS {
+        let range = section_range(bytes, i);
+        let Some(section) = bytes.get(range) else {
+            continue; // an edited table entry: only the header is resealed
+        };
+        let crc = crc32c(section);
+        let e = FIXED_LEN + i * ENTRY_LEN;
+        bytes[e + 24..e + 28].copy_from_slice(&crc.to_le_bytes());
+    }
+    let table_end = FIXED_LEN + SECTIONS * ENTRY_LEN;
+    let crc = crc32c(&bytes[..table_end]);
+    bytes[table_end..table_end + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Bitwise CRC32C (Castagnoli, reflected), independent of the crate's.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn forged(bytes: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> Result<Index, Error> {
+    let mut b = bytes.to_vec();
+    edit(&mut b);
+    reseal(&mut b);
+    Index::from_bytes(&b)
+}
+
+fn u32_at(bytes: &mut [u8], at: usize, value: u32) {
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+}
+
+fn u64_at(bytes: &mut [u8], at: usize, value: u64) {
+    bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
+}
+
+#[test]
+fn forged_files_with_valid_checksums_are_rejected() {
+    let index = churned_index(150, 4, 4, Metric::L2);
+    let bytes = saved_bytes(&index, "forged.nann");
+    // The resealing helper itself is faithful: an unedited file opens.
+    if let Err(e) = forged(&bytes, |_| {}) {
+        panic!("resealed original rejected: {e}");
+    }
+    let m0 = 8usize;
+    let stride = 2 + m0;
+    let level0 = section_range(&bytes, 0).start;
+    let cells = section_range(&bytes, 1).start;
+    let keys = section_range(&bytes, 5).start;
+    let slots = 150 + 7; // 150 inserted, 22 removed, 7 reinserted into freed slots
+    let _ = slots;
+
+    let is_format = |r: Result<Index, Error>| {
+        if std::env::var("NANN_SHOW").is_ok() {
+            eprintln!("{:?}", r.as_ref().err());
+        }
+        matches!(r, Err(Error::Format(_)))
+    };
+    // Header fields (fixed offsets, see src/persist/format.rs).
+    for (what, at, value) in [
+        ("version", 8usize, 2u64),
+        ("metric", 15, 9),
+        ("dim = 0", 16, 0),
+        ("M = 1", 20, 1),
+        ("M = 300", 20, 300),
+    ] {
+        let r = forged(&bytes, |b| {
+            if at == 15 {
+                b[at] = value as u8
+            } else {
+                u32_at(b, at, value as u32)
+            }
+        });
+        assert!(is_format(r), "{what}");
+    }
+    // slots, live, upper count, file length: 0, 1, huge, overflowing.
+    for field in [48usize, 56, 64, 72] {
+        for value in [0u64, 1, u32::MAX as u64, u64::MAX, u64::MAX / 4 + 1] {
+            assert!(
+                is_format(forged(&bytes, |b| u64_at(b, field, value))),
+                "field at {field} = {value}"
+            );
+        }
+    }
+    // Entry point out of range, level too high.
+    assert!(is_format(forged(&bytes, |b| u32_at(b, 80, 100_000))));
+    assert!(is_format(forged(&bytes, |b| u32_at(b, 84, 40))));
+    // Section offset not aligned / overlapping / beyond the file.
+    for (at, value) in [
+        (FIXED_LEN + 8, 1u64),
+        (FIXED_LEN + ENTRY_LEN + 8, 64),
+        (FIXED_LEN + 8, u64::MAX - 8),
+    ] {
+        assert!(is_format(forged(&bytes, |b| u64_at(b, at, value))));
+    }
+
+    // The section payloads start at the archive's data (rkyv puts a Vec's
+    // elements first and its root at the end).
+    let record = |slot: usize| level0 + slot * stride * 4;
+    // Neighbour id = n, u32::MAX; self-loop; duplicate neighbour.
+    for bad in [10_000u32, u32::MAX] {
+        assert!(is_format(forged(&bytes, |b| {
+            u32_at(b, record(3) + 4, 1); // degree 1, no upper block
+            u32_at(b, record(3) + 8, bad);
+        })));
+    }
+    assert!(is_format(forged(&bytes, |b| {
+        let meta = u32::from_le_bytes(b[record(5) + 4..record(5) + 8].try_into().unwrap());
+        u32_at(b, record(5) + 4, (meta & !0x1ff) | 2);
+        u32_at(b, record(5) + 8, 5);
+        u32_at(b, record(5) + 12, 6);
+    })));
+    // Degree = M0 + 1.
+    assert!(is_format(forged(&bytes, |b| {
+        let meta = u32::from_le_bytes(b[record(5) + 4..record(5) + 8].try_into().unwrap());
+        u32_at(b, record(5) + 4, (meta & !0x1ff) | (m0 as u32 + 1));
+    })));
+    // An upper-block reference that does not exist.
+    assert!(is_format(forged(&bytes, |b| {
+        let meta = u32::from_le_bytes(b[record(5) + 4..record(5) + 8].try_into().unwrap());
+        u32_at(b, record(5) + 4, (meta & 0x1ff) | (5000 << 9));
+    })));
+    // A cell word naming another slot.
+    assert!(is_format(forged(&bytes, |b| u32_at(b, cells + 4 * 9, 10))));
+    // Duplicate live keys.
+    assert!(is_format(forged(&bytes, |b| {
+        let k = b[keys + 8..keys + 16].to_vec();
+        b[keys + 16..keys + 24].copy_from_slice(&k);
+    })));
+    // A non-finite vector value.
+    let vectors = section_range(&bytes, 4).start;
+    assert!(is_format(forged(&bytes, |b| u32_at(
+        b,
+        vectors + 4,
+        f32::NAN.to_bits()
+    ))));
+    // Sections from two different saves: level0 of another index.
+    let other = saved_bytes(
+        &churned_index(150, 4, 4, Metric::InnerProduct),
+        "other.nann",
+    );
+    let mixed = forged(&bytes, |b| {
+        let (mine, theirs) = (section_range(b, 0), section_range(&other, 0));
+        if mine.len() == theirs.len() {
+            b[mine].copy_from_slice(&other[theirs]);
+        } else {
+            b[mine.start] ^= 0xff;
+        }
+    });
+    // A swapped section may even describe a valid graph; it must never be
+    // accepted with broken invariants.
+    if let Ok(index) = mixed {
+        index.check_invariants().unwrap();
+    }
+    let _ = FormatError::NotAnIndex;
+}
