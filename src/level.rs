@@ -31,6 +31,7 @@ impl LevelGenerator {
         }
     }
 
+    #[cfg(not(loom))]
     /// Draws made so far (saved with an index, so a reopened index keeps
     /// drawing the same sequence).
     pub(crate) fn position(&self) -> u64 {
@@ -38,6 +39,7 @@ impl LevelGenerator {
         self.counter.load(Ordering::Relaxed)
     }
 
+    #[cfg(not(loom))]
     /// Continues the sequence from draw `position`.
     pub(crate) fn set_position(&self, position: u64) {
         // Relaxed: the index is not shared yet (opening).

@@ -1,3 +1,4 @@
+#![cfg(not(loom))]
 //! Saving and opening: round trips, and damaged or forged files that must
 //! give a typed error (never a panic, never an index that fails its
 //! invariants).

@@ -155,7 +155,7 @@ where
 }
 
 impl Index {
-    /// Saves the index to `path` atomically (see the [module docs](self)):
+    /// Saves the index to `path` atomically:
     /// a temporary file in the same directory, fsync, rename over `path`,
     /// fsync of the directory. Writers wait while the snapshot is taken in
     /// memory; searches do not. On error the previous file at `path` is
@@ -261,8 +261,10 @@ impl Index {
     }
 
     /// Opens an index saved by [`Index::save`], validating all of it first
-    /// (see the [module docs](self) for the order of checks): a damaged or
-    /// hostile file gives [`Error::Format`], never a panic.
+    /// (header and its checksum, section bounds and checksums, rkyv's
+    /// bytecheck, array structure, then every invariant of
+    /// [`Index::check_invariants`]): a damaged or hostile file gives
+    /// [`Error::Format`], never a panic.
     ///
     /// The file is memory-mapped while it is read. **Contract:** no process
     /// may modify or truncate the file during the call (nann's own `save`
