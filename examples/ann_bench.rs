@@ -4,8 +4,13 @@
 //! ```text
 //! cargo run --release --example ann_bench -- --base B.fvecs --query Q.fvecs --gt G.ivecs \
 //!     --metric l2|ip|cos --k 10 --m 16 --ef-construction 200 \
-//!     --ef 10,16,24,32,48,64,96,128 --threads 1 [--json]
+//!     --ef 10,16,24,32,48,64,96,128 --threads 1 [--json] [--save PATH | --open PATH]
 //! ```
+//!
+//! `--save PATH` writes the built index to PATH (`Index::save`); `--open PATH`
+//! opens a saved index instead of building one (`--base` is then not read)
+//! and runs the same sweep. The first JSON line keeps its shape: `build_s` is
+//! 0 when the index was opened, and `open_s` / `save_s` are added when used.
 //!
 //! `--threads` sets the build threads; search is single-threaded, one query at
 //! a time. Each ef runs a warm-up pass, then repeats the query set until at
@@ -36,6 +41,8 @@ struct Args {
     threads: usize,
     json: bool,
     min_seconds: f64,
+    save: Option<PathBuf>,
+    open: Option<PathBuf>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -53,6 +60,8 @@ fn parse() -> Result<Args, String> {
         threads: 1,
         json: false,
         min_seconds: 1.0,
+        save: None,
+        open: None,
     };
     while let Some(flag) = raw.next() {
         if flag == "--json" {
@@ -77,6 +86,8 @@ fn parse() -> Result<Args, String> {
             "--ef-construction" => args.ef_construction = number(&value)?,
             "--ef" => args.efs = value.split(',').map(number).collect::<Result<_, _>>()?,
             "--threads" => args.threads = number(&value)?,
+            "--save" => args.save = Some(PathBuf::from(value)),
+            "--open" => args.open = Some(PathBuf::from(value)),
             "--min-seconds" => {
                 args.min_seconds = value
                     .parse()
@@ -85,7 +96,14 @@ fn parse() -> Result<Args, String> {
             other => return Err(format!("unknown flag {other}")),
         }
     }
-    args.base = base.ok_or("--base is required")?;
+    args.base = match (base, &args.open) {
+        (Some(b), _) => b,
+        (None, Some(_)) => PathBuf::new(),
+        (None, None) => return Err("--base is required".into()),
+    };
+    if args.save.is_some() && args.open.is_some() {
+        return Err("--save and --open exclude each other".into());
+    }
     args.query = query.ok_or("--query is required")?;
     args.gt = gt.ok_or("--gt is required")?;
     Ok(args)
@@ -100,53 +118,54 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let base = support::read_fvecs(&args.base).map_err(|e| e.to_string())?;
     let queries = support::read_fvecs(&args.query).map_err(|e| e.to_string())?;
     let (gt_k, gt) = support::read_ivecs(&args.gt).map_err(|e| e.to_string())?;
-    if queries.dim != base.dim {
-        return Err(format!(
-            "query dim {} != base dim {}",
-            queries.dim, base.dim
-        ));
-    }
     if gt_k < args.k || gt.len() / gt_k.max(1) < queries.len() {
         return Err(format!(
             "ground truth has {gt_k} ids per query for k = {}",
             args.k
         ));
     }
-    let mut params = IndexParams::new(base.dim, args.metric)
-        .m(args.m)
-        .ef_construction(args.ef_construction)
-        .capacity(base.len());
-    // NANN_ISA=scalar|avx2|avx512|neon forces a kernel level (to measure
-    // where a wider one pays); the command-line contract is unchanged.
-    if let Ok(isa) = std::env::var("NANN_ISA") {
-        params = params.isa(match isa.as_str() {
-            "scalar" => nann::Isa::Scalar,
-            "avx2" => nann::Isa::Avx2,
-            "avx512" => nann::Isa::Avx512,
-            "neon" => nann::Isa::Neon,
-            other => return Err(format!("NANN_ISA: unknown level '{other}'")),
-        });
+    let (index, build_s, mut extra) = match &args.open {
+        Some(path) => {
+            let start = Instant::now();
+            let index = Index::open(path).map_err(|e| e.to_string())?;
+            let open_s = start.elapsed().as_secs_f64();
+            (index, 0.0, format!(",\"open_s\":{open_s:.4}"))
+        }
+        None => {
+            let (index, build_s) = build(&args)?;
+            (index, build_s, String::new())
+        }
+    };
+    if queries.dim != index.dim() {
+        return Err(format!(
+            "query dim {} != index dim {}",
+            queries.dim,
+            index.dim()
+        ));
     }
-    let index = Index::new(params).map_err(|e| e.to_string())?;
-    let keys: Vec<u64> = (0..base.len() as u64).collect();
-    let rows = base.rows();
-    let start = Instant::now();
-    index
-        .insert_many(&keys, &rows, args.threads, |_| {})
-        .map_err(|e| e.to_string())?;
-    let build_s = start.elapsed().as_secs_f64();
-
+    if let Some(path) = &args.save {
+        let start = Instant::now();
+        index.save(path).map_err(|e| e.to_string())?;
+        let save_s = start.elapsed().as_secs_f64();
+        extra = format!(",\"save_s\":{save_s:.4}");
+        if !args.json {
+            println!("saved to {} in {save_s:.3} s", path.display());
+        }
+    }
+    let base_len = index.len();
     if args.json {
-        println!("{{\"build_s\":{build_s:.4},\"threads\":{}}}", args.threads);
+        println!(
+            "{{\"build_s\":{build_s:.4},\"threads\":{}{extra}}}",
+            args.threads
+        );
     } else {
         println!(
             "nann {} | n={} dim={} metric={:?} M={} efC={} | build {build_s:.3} s on {} thread(s) | kernel {:?}",
             env!("CARGO_PKG_VERSION"),
-            base.len(),
-            base.dim,
+            base_len,
+            index.dim(),
             args.metric,
             args.m,
             args.ef_construction,
@@ -189,6 +208,34 @@ fn run(args: Args) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Builds the index from `--base` on `--threads` threads.
+fn build(args: &Args) -> Result<(Index, f64), String> {
+    let base = support::read_fvecs(&args.base).map_err(|e| e.to_string())?;
+    let mut params = IndexParams::new(base.dim, args.metric)
+        .m(args.m)
+        .ef_construction(args.ef_construction)
+        .capacity(base.len());
+    // NANN_ISA=scalar|avx2|avx512|neon forces a kernel level (to measure
+    // where a wider one pays); the command-line contract is unchanged.
+    if let Ok(isa) = std::env::var("NANN_ISA") {
+        params = params.isa(match isa.as_str() {
+            "scalar" => nann::Isa::Scalar,
+            "avx2" => nann::Isa::Avx2,
+            "avx512" => nann::Isa::Avx512,
+            "neon" => nann::Isa::Neon,
+            other => return Err(format!("NANN_ISA: unknown level '{other}'")),
+        });
+    }
+    let index = Index::new(params).map_err(|e| e.to_string())?;
+    let keys: Vec<u64> = (0..base.len() as u64).collect();
+    let rows = base.rows();
+    let start = Instant::now();
+    index
+        .insert_many(&keys, &rows, args.threads, |_| {})
+        .map_err(|e| e.to_string())?;
+    Ok((index, start.elapsed().as_secs_f64()))
 }
 
 fn main() -> ExitCode {

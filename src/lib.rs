@@ -92,4 +92,4 @@ pub use insert::Progress;
 pub use lock::{EntryLock, ReadVersion};
 pub use params::IndexParams;
 #[cfg(not(loom))]
-pub use persist::FormatError;
+pub use persist::{FileInfo, FormatError};

@@ -340,6 +340,71 @@ impl Index {
     }
 }
 
+/// What a file's header says, from [`FileInfo::read`]: for tools such as the
+/// `inspect` example. Reading it checks the header (magic, version, checksum,
+/// format controls, section table) but not the sections.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct FileInfo {
+    /// Format version.
+    pub version: u32,
+    /// Metric of the index.
+    pub metric: crate::Metric,
+    /// Vector dimension.
+    pub dim: u32,
+    /// M (M0 = 2M on layer 0).
+    pub m: u32,
+    /// ef_construction the index was built with.
+    pub ef_construction: u32,
+    /// Slots saved (live, removed and never published).
+    pub slots: u64,
+    /// Live entries.
+    pub live: u64,
+    /// Nodes with upper layers.
+    pub upper_blocks: u64,
+    /// Entry point slot and max level, if the graph is not empty.
+    pub entry: Option<(u32, u32)>,
+    /// File length in bytes.
+    pub file_len: u64,
+    /// rkyv format controls of the writer: (big-endian, unaligned, pointer width in bytes).
+    pub rkyv_format: (bool, bool, u8),
+    /// Sections: (name, offset, length, CRC32C).
+    pub sections: Vec<(&'static str, u64, u64, u32)>,
+}
+
+impl FileInfo {
+    /// Decodes and checks the header of a saved index.
+    ///
+    /// ```
+    /// assert!(nann::FileInfo::read(b"NANNIDX\0 but short").is_err());
+    /// ```
+    pub fn read(file: &[u8]) -> Result<Self> {
+        let h = Header::decode(file)?;
+        Ok(Self {
+            version: h.version,
+            metric: h.metric,
+            dim: h.dim,
+            m: h.m,
+            ef_construction: h.ef_construction,
+            slots: h.slots,
+            live: h.live,
+            upper_blocks: h.upper_count,
+            entry: (h.entry_slot != u32::MAX).then_some((h.entry_slot, h.entry_level)),
+            file_len: h.file_len,
+            rkyv_format: (
+                h.rkyv.big_endian != 0,
+                h.rkyv.unaligned != 0,
+                h.rkyv.pointer_width,
+            ),
+            sections: SECTION_KINDS
+                .iter()
+                .zip(&h.sections)
+                .map(|(k, s)| (k.name(), s.offset, s.len, s.crc))
+                .collect(),
+        })
+    }
+}
+
 fn corrupt(message: impl Into<String>) -> Error {
     FormatError::Corrupt(message.into()).into()
 }
