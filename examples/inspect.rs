@@ -23,7 +23,7 @@ use nann::{FileInfo, Index};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [path] = args.as_slice() else {
-        eout!("usage: inspect PATH");
+        eprintln!("usage: inspect PATH");
         return ExitCode::from(2);
     };
     let bytes = match std::fs::read(path) {
