@@ -46,6 +46,9 @@ struct PoolEntry {
 pub(crate) struct Beam {
     /// Accepted nodes, nearest first, at most `ef`.
     pool: Vec<PoolEntry>,
+    /// `pool[i].node.dist`, contiguous, so the insertion point is a
+    /// branch-free vectorised count instead of a dependent binary search.
+    dists: Vec<f32>,
     /// Every pool entry before it is expanded.
     cursor: usize,
     ef: usize,
@@ -57,6 +60,7 @@ impl Beam {
     /// Empties the beam for a search of width `ef` (at least 1).
     pub(crate) fn reset(&mut self, ef: usize) {
         self.pool.clear();
+        self.dists.clear();
         self.detours.clear();
         self.cursor = 0;
         self.ef = ef.max(1);
@@ -66,7 +70,7 @@ impl Beam {
     /// beats its farthest entry (hnswlib's `lowerBound`).
     #[inline]
     pub(crate) fn admits(&self, dist: f32) -> bool {
-        self.pool.len() < self.ef || self.pool.last().is_some_and(|worst| dist < worst.node.dist)
+        self.dists.len() < self.ef || self.dists.last().is_some_and(|&worst| dist < worst)
     }
 
     /// Adds an admitted node: into the sorted pool if `accepted`, else onto
@@ -78,13 +82,15 @@ impl Beam {
             return;
         }
         // After any equal distances: ties keep their arrival order.
-        let at = self.pool.partition_point(|e| e.node.dist <= node.dist);
+        let at = self.dists.iter().filter(|&&d| d <= node.dist).count();
         if at >= self.ef {
             return;
         }
         if self.pool.len() == self.ef {
             self.pool.pop();
+            self.dists.pop();
         }
+        self.dists.insert(at, node.dist);
         self.pool.insert(
             at,
             PoolEntry {
