@@ -4,8 +4,12 @@
 //! ```text
 //! cargo run --release --example ann_bench -- --base B.fvecs --query Q.fvecs --gt G.ivecs \
 //!     --metric l2|ip|cos --k 10 --m 16 --ef-construction 200 \
-//!     --ef 10,16,24,32,48,64,96,128 --threads 1 [--json] [--save PATH | --open PATH]
+//!     --ef 10,16,24,32,48,64,96,128 --threads 1 [--json] [--save PATH | --open PATH] \
+//!     [--seed N] [--min-seconds S]
 //! ```
+//!
+//! `--seed N` sets the level generator's seed (default: `IndexParams`'
+//! default), so repeated runs can measure independent builds.
 //!
 //! `--save PATH` writes the built index to PATH (`Index::save`); `--open PATH`
 //! opens a saved index instead of building one (`--base` is then not read)
@@ -43,6 +47,7 @@ struct Args {
     min_seconds: f64,
     save: Option<PathBuf>,
     open: Option<PathBuf>,
+    seed: Option<u64>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -62,6 +67,7 @@ fn parse() -> Result<Args, String> {
         min_seconds: 1.0,
         save: None,
         open: None,
+        seed: None,
     };
     while let Some(flag) = raw.next() {
         if flag == "--json" {
@@ -88,6 +94,7 @@ fn parse() -> Result<Args, String> {
             "--threads" => args.threads = number(&value)?,
             "--save" => args.save = Some(PathBuf::from(value)),
             "--open" => args.open = Some(PathBuf::from(value)),
+            "--seed" => args.seed = Some(number(&value)? as u64),
             "--min-seconds" => {
                 args.min_seconds = value
                     .parse()
@@ -217,6 +224,9 @@ fn build(args: &Args) -> Result<(Index, f64), String> {
         .m(args.m)
         .ef_construction(args.ef_construction)
         .capacity(base.len());
+    if let Some(seed) = args.seed {
+        params = params.seed(seed);
+    }
     // NANN_ISA=scalar|avx2|avx512|neon forces a kernel level (to measure
     // where a wider one pays); the command-line contract is unchanged.
     if let Ok(isa) = std::env::var("NANN_ISA") {
