@@ -67,6 +67,8 @@
 mod anchor;
 mod beam;
 mod distance;
+#[cfg(not(loom))]
+mod durable;
 mod error;
 mod graph;
 mod index;
@@ -78,7 +80,7 @@ mod lock;
 mod parallel;
 mod params;
 #[cfg(not(loom))]
-mod persist;
+pub mod persist;
 mod scratch;
 mod search;
 mod storage;
@@ -86,10 +88,12 @@ mod sync;
 mod update;
 
 pub use distance::{Distance, Isa, Metric};
+#[cfg(not(loom))]
+pub use durable::{DurableIndex, DurableOptions, ReplayReport, SNAPSHOT_FILE};
 pub use error::{Error, InvariantViolation, Result};
 pub use index::{Hit, Index, MemoryUsage};
 pub use insert::Progress;
 pub use lock::{EntryLock, ReadVersion};
 pub use params::IndexParams;
 #[cfg(not(loom))]
-pub use persist::{FileInfo, FormatError};
+pub use persist::{Durability, FileInfo, FormatError};

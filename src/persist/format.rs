@@ -119,6 +119,9 @@ pub(crate) struct Header {
     /// Entry slot and max level, or `u32::MAX` twice for an empty graph.
     pub(crate) entry_slot: u32,
     pub(crate) entry_level: u32,
+    /// The last update-log sequence number the snapshot contains (0: none;
+    /// see `DurableIndex`). Offset 88; older writers left it zero.
+    pub(crate) log_lsn: u64,
     /// Total file length the writer produced.
     pub(crate) file_len: u64,
     pub(crate) sections: Vec<Section>,
@@ -174,6 +177,7 @@ impl Header {
         }
         out.extend_from_slice(&self.entry_slot.to_le_bytes());
         out.extend_from_slice(&self.entry_level.to_le_bytes());
+        out.extend_from_slice(&self.log_lsn.to_le_bytes());
         out.resize(FIXED_LEN, 0);
         for s in &self.sections {
             out.extend_from_slice(&s.kind.to_le_bytes());
@@ -254,6 +258,7 @@ impl Header {
         let file_len = r.u64()?;
         let entry_slot = r.u32()?;
         let entry_level = r.u32()?;
+        let log_lsn = r.u64()?;
         if file_len != file.len() as u64 {
             return Err(if (file.len() as u64) < file_len {
                 FormatError::Truncated {
@@ -323,6 +328,7 @@ impl Header {
             upper_count,
             entry_slot,
             entry_level,
+            log_lsn,
             file_len,
             sections,
         })

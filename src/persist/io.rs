@@ -7,11 +7,10 @@
 //! can be lost (the old file comes back). An fsync error is a failed save:
 //! it is reported, never retried into a success.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::storage::Storage;
 use crate::error::{Error, Result};
 
 /// A typed I/O error naming the operation and the path.
@@ -24,8 +23,9 @@ pub(crate) fn error(operation: &'static str, path: &Path, e: std::io::Error) -> 
     }
 }
 
-/// Writes the concatenation of `parts` to `path` atomically.
-pub(crate) fn write_atomically(path: &Path, parts: &[&[u8]]) -> Result<()> {
+/// Writes the concatenation of `parts` to `path` atomically through
+/// `storage`.
+pub(crate) fn write_atomically(storage: &dyn Storage, path: &Path, parts: &[&[u8]]) -> Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -43,39 +43,33 @@ pub(crate) fn write_atomically(path: &Path, parts: &[&[u8]]) -> Result<()> {
     let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.tmp.{}.{unique}", std::process::id()));
 
+    let mut created = false;
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| error("create", &tmp, e))?;
+        let mut file = storage.create(&tmp).map_err(|e| error("create", &tmp, e))?;
+        created = true;
         for part in parts {
-            file.write_all(part).map_err(|e| error("write", &tmp, e))?;
+            file.append(part).map_err(|e| error("write", &tmp, e))?;
         }
-        file.sync_all().map_err(|e| error("fsync", &tmp, e))?;
+        file.sync(SYNC_SNAPSHOT_FILE)
+            .map_err(|e| error("fsync", &tmp, e))?;
         drop(file);
-        fs::rename(&tmp, path).map_err(|e| error("rename", path, e))?;
-        sync_dir(&dir)
+        storage
+            .rename(&tmp, path)
+            .map_err(|e| error("rename", path, e))?;
+        created = false;
+        storage
+            .sync_dir(&dir, SYNC_SNAPSHOT_DIR)
+            .map_err(|e| error("fsync directory", &dir, e))
     })();
-    if result.is_err() {
+    if result.is_err() && created {
         // Best effort: the temporary file is not the index; leaving it
         // behind is harmless, removing it keeps the directory clean.
-        let _ = fs::remove_file(&tmp);
+        let _ = storage.remove(&tmp);
     }
     result
 }
 
-/// fsyncs a directory, so a rename in it is durable (a no-op off Unix).
-fn sync_dir(dir: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| error("fsync directory", dir, e))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = dir;
-        Ok(())
-    }
-}
+/// Call site of the fsync of a snapshot's temporary file.
+pub const SYNC_SNAPSHOT_FILE: &str = "snapshot file";
+/// Call site of the directory fsync after a snapshot's rename.
+pub const SYNC_SNAPSHOT_DIR: &str = "snapshot directory";

@@ -60,6 +60,15 @@
 
 mod format;
 mod io;
+pub(crate) mod log;
+mod sim;
+mod storage;
+
+pub(crate) use io::error as io_error;
+pub use io::{SYNC_SNAPSHOT_DIR, SYNC_SNAPSHOT_FILE};
+pub use log::{Durability, SYNC_LOG_DIR, SYNC_LOG_FILE};
+pub use sim::SimStorage;
+pub use storage::{FsStorage, Storage, StorageFile};
 
 use std::path::Path;
 
@@ -131,8 +140,28 @@ impl From<FormatError> for Error {
 }
 
 /// rkyv archives of the six sections, in file order.
-struct Sections {
+/// A consistent copy of an index, ready to be written.
+pub(crate) struct Snapshot {
+    header: Header,
     parts: Vec<rkyv::util::AlignedVec>,
+}
+
+impl Snapshot {
+    /// Writes the snapshot to `path` atomically (temporary file, fsync,
+    /// rename, directory fsync).
+    pub(crate) fn write(&self, storage: &dyn Storage, path: &Path) -> Result<()> {
+        let head = self.header.encode();
+        let mut parts: Vec<&[u8]> = vec![&head];
+        let mut at = head.len() as u64;
+        let zeros = [0u8; SECTION_ALIGN as usize];
+        for (section, bytes) in self.header.sections.iter().zip(&self.parts) {
+            let pad = (section.offset - at) as usize;
+            parts.push(&zeros[..pad]);
+            parts.push(bytes);
+            at = section.offset + section.len;
+        }
+        io::write_atomically(storage, path, &parts)
+    }
 }
 
 fn archive<T>(value: &Vec<T>) -> Result<rkyv::util::AlignedVec>
@@ -177,22 +206,26 @@ impl Index {
     /// # Ok::<(), nann::Error>(())
     /// ```
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let (header, sections) = self.snapshot()?;
-        let head = header.encode();
-        let mut parts: Vec<&[u8]> = vec![&head];
-        let mut at = head.len() as u64;
-        let zeros = [0u8; SECTION_ALIGN as usize];
-        for (section, bytes) in header.sections.iter().zip(&sections.parts) {
-            let pad = (section.offset - at) as usize;
-            parts.push(&zeros[..pad]);
-            parts.push(bytes);
-            at = section.offset + section.len;
-        }
-        io::write_atomically(path.as_ref(), &parts)
+        self.save_to(&FsStorage, path.as_ref())
     }
 
-    /// The header and section archives of the current state.
-    fn snapshot(&self) -> Result<(Header, Sections)> {
+    /// [`save`](Self::save) through any [`Storage`] backend (the real file
+    /// system is [`FsStorage`]; [`SimStorage`] simulates crashes and faults).
+    pub fn save_to(&self, storage: &dyn Storage, path: &Path) -> Result<()> {
+        let snapshot = self.snapshot(0)?;
+        snapshot.write(storage, path)
+    }
+
+    /// Opens an index file from any [`Storage`] backend, validating all of
+    /// it (as [`open_untrusted`](Self::open_untrusted)).
+    pub fn open_from(storage: &dyn Storage, path: &Path) -> Result<Self> {
+        let bytes = storage.read(path).map_err(|e| io::error("read", path, e))?;
+        Self::from_bytes(&bytes)
+    }
+
+    /// The header and section archives of the current state, stamped with
+    /// the update-log sequence number `log_lsn` it contains.
+    pub(crate) fn snapshot(&self, log_lsn: u64) -> Result<Snapshot> {
         let (export, vectors, keys, live, level_counter) = {
             // Writers pause (searches do not) while the arrays are copied.
             let _quiescent = self.writer_gate.write();
@@ -254,10 +287,11 @@ impl Index {
             upper_count: export.upper_count as u64,
             entry_slot,
             entry_level,
+            log_lsn,
             file_len: offset,
             sections,
         };
-        Ok((header, Sections { parts }))
+        Ok(Snapshot { header, parts })
     }
 
     /// Opens an index saved by [`Index::save`], validating all of it first
@@ -364,6 +398,9 @@ pub struct FileInfo {
     pub upper_blocks: u64,
     /// Entry point slot and max level, if the graph is not empty.
     pub entry: Option<(u32, u32)>,
+    /// The last update-log sequence number the snapshot contains (0 for a
+    /// plain [`Index::save`]; see [`DurableIndex`](crate::DurableIndex)).
+    pub log_lsn: u64,
     /// File length in bytes.
     pub file_len: u64,
     /// rkyv format controls of the writer: (big-endian, unaligned, pointer width in bytes).
@@ -390,6 +427,7 @@ impl FileInfo {
             live: h.live,
             upper_blocks: h.upper_count,
             entry: (h.entry_slot != u32::MAX).then_some((h.entry_slot, h.entry_level)),
+            log_lsn: h.log_lsn,
             file_len: h.file_len,
             rkyv_format: (
                 h.rkyv.big_endian != 0,

@@ -1,0 +1,421 @@
+//! [`DurableIndex`]: an [`Index`] whose every write is logged before it is
+//! applied, so no acknowledged insert, update or remove is lost in a crash.
+//!
+//! # Directory layout and recovery
+//!
+//! ```text
+//!   dir/index.nann            snapshot (format v1), stamped with log_lsn = S
+//!   dir/log-<gen>.wal ...     update logs, records numbered by lsn
+//!
+//!   open:  snapshot ──► replay every log in generation order, records with
+//!          lsn > S, each log up to its torn tail ──► start a new generation
+//! ```
+//!
+//! # One operation
+//!
+//! ```text
+//!   gate (read) ─► key stripe lock ─► validate ─► log.append ─► wait durable
+//!               ─► apply to the index ─► unlock ─► Ok
+//! ```
+//!
+//! * Logged **before** applied: if the log write or fsync fails, the
+//!   operation returns the error and the index is unchanged.
+//! * Operations on one key are serialised by a stripe lock held from
+//!   validation to apply, so the log orders them as the index applied them;
+//!   operations on different keys commute, so their order in the log is
+//!   free. Writers on different stripes share fsyncs (group commit).
+//! * Validation (dimension, finiteness, duplicate or unknown key) runs
+//!   before logging, so a logged operation succeeds on replay. One that
+//!   still fails when applied (out of memory) is reported to the caller and
+//!   skipped again on replay ([`ReplayReport::skipped`]).
+//!
+//! # Checkpoint
+//!
+//! [`DurableIndex::checkpoint`] closes the gate (in-flight operations finish,
+//! new ones wait), copies the index in memory, notes the last lsn `S`,
+//! switches the log to a new generation and reopens the gate; then it writes
+//! the snapshot (temporary file, fsync, rename, directory fsync) and only
+//! then deletes the older logs. A crash at any point leaves either the old
+//! snapshot with every log, or the new snapshot with logs whose records at
+//! or below `S` are skipped: replay is the same either way.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::error::{Error, Result};
+use crate::index::Index;
+use crate::params::IndexParams;
+use crate::persist::log::{
+    create_log_file, decode_header, decode_records, parse_log_file_name, LogHeader, LogOp,
+    LogOpRef, LogWriter,
+};
+use crate::persist::{io_error, Durability, FileInfo, FsStorage, Storage};
+
+/// Name of the snapshot file in a durable index's directory.
+pub const SNAPSHOT_FILE: &str = "index.nann";
+
+const STRIPES: usize = 64;
+
+/// How a [`DurableIndex`] persists: when records are durable, and where.
+#[derive(Debug, Clone)]
+pub struct DurableOptions {
+    durability: Durability,
+    storage: Arc<dyn Storage>,
+}
+
+impl DurableOptions {
+    /// The real file system, with the given durability.
+    pub fn new(durability: Durability) -> Self {
+        Self {
+            durability,
+            storage: Arc::new(FsStorage),
+        }
+    }
+
+    /// Uses another storage backend (e.g. [`SimStorage`](crate::persist::SimStorage)
+    /// for crash tests).
+    pub fn storage(mut self, storage: Arc<dyn Storage>) -> Self {
+        self.storage = storage;
+        self
+    }
+}
+
+/// What [`DurableIndex::open`] replayed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplayReport {
+    /// The sequence number the snapshot contains.
+    pub snapshot_lsn: u64,
+    /// Log records applied on top of the snapshot.
+    pub applied: u64,
+    /// Records at or below the snapshot's sequence number (already in it).
+    pub already_in_snapshot: u64,
+    /// Records whose operation failed again (it failed when first applied).
+    pub skipped: u64,
+    /// Log files whose tail was torn (cut short by a crash).
+    pub torn_tails: u64,
+}
+
+/// An [`Index`] with an update log: see the module docs.
+///
+/// Search through [`index`](Self::index); write only through this type (a
+/// write made on the inner index directly is not logged and is lost on
+/// reopen).
+///
+/// ```
+/// use nann::{DurableIndex, DurableOptions, Durability, IndexParams, Metric};
+/// let dir = std::env::temp_dir().join(format!("nann-doc-durable-{}", std::process::id()));
+/// # let _ = std::fs::remove_dir_all(&dir);
+/// let options = DurableOptions::new(Durability::PerOp);
+/// {
+///     let index = DurableIndex::create(&dir, IndexParams::new(2, Metric::L2), options.clone())?;
+///     index.insert(1, &[0.0, 1.0])?; // durable when it returns
+///     index.update(1, &[2.0, 3.0])?;
+/// } // no save: the log has it
+/// let reopened = DurableIndex::open(&dir, options)?;
+/// assert_eq!(reopened.index().get(1)?, vec![2.0, 3.0]);
+/// assert_eq!(reopened.replay_report().applied, 2);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), nann::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct DurableIndex {
+    index: Index,
+    dir: PathBuf,
+    storage: Arc<dyn Storage>,
+    log: LogWriter,
+    /// Log generations older than the current one (deleted by checkpoint).
+    old_generations: Mutex<Vec<u64>>,
+    generation: Mutex<u64>,
+    /// Operations hold it shared from validation to apply; checkpoint holds
+    /// it exclusively while it copies the index and switches logs.
+    gate: RwLock<()>,
+    /// Serialises checkpoints, so snapshots are renamed in lsn order.
+    checkpointing: Mutex<()>,
+    stripes: Vec<Mutex<()>>,
+    report: ReplayReport,
+}
+
+impl DurableIndex {
+    /// Creates a durable index in `dir` (created if missing). Fails if `dir`
+    /// already holds one.
+    pub fn create(
+        dir: impl AsRef<Path>,
+        params: IndexParams,
+        options: DurableOptions,
+    ) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let storage = options.storage;
+        storage
+            .create_dir_all(&dir)
+            .map_err(|e| io_error("create directory", &dir, e))?;
+        let snapshot_path = dir.join(SNAPSHOT_FILE);
+        if storage.read(&snapshot_path).is_ok() {
+            return Err(Error::InvalidParameter {
+                name: "dir",
+                reason: format!("{} already holds an index; open it instead", dir.display()),
+            });
+        }
+        let index = Index::new(params)?;
+        index.snapshot(0)?.write(storage.as_ref(), &snapshot_path)?;
+        let dim = index.params().dim as u32;
+        let (file, path, len) = create_log_file(storage.as_ref(), &dir, dim, 1)?;
+        let log = LogWriter::new(file, path, len, 1, options.durability);
+        Ok(Self::assemble(
+            index,
+            dir,
+            storage,
+            log,
+            1,
+            Vec::new(),
+            ReplayReport::default(),
+        ))
+    }
+
+    /// Opens the durable index in `dir`: its snapshot, then every log
+    /// record after it (see the module docs). Each log ends at its torn
+    /// tail, if a crash left one.
+    pub fn open(dir: impl AsRef<Path>, options: DurableOptions) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let storage = options.storage;
+        let snapshot_path = dir.join(SNAPSHOT_FILE);
+        let bytes = storage
+            .read(&snapshot_path)
+            .map_err(|e| io_error("read", &snapshot_path, e))?;
+        let snapshot_lsn = FileInfo::read(&bytes)?.log_lsn;
+        let index = Index::from_bytes(&bytes)?;
+        drop(bytes);
+        let dim = index.params().dim;
+
+        let mut generations: Vec<u64> = storage
+            .list(&dir)
+            .map_err(|e| io_error("list", &dir, e))?
+            .iter()
+            .filter_map(|name| parse_log_file_name(name))
+            .collect();
+        generations.sort_unstable();
+        // Temporary files of saves a crash interrupted are not the index.
+        for name in storage.list(&dir).map_err(|e| io_error("list", &dir, e))? {
+            if name.starts_with(&format!(".{SNAPSHOT_FILE}.tmp.")) {
+                let _ = storage.remove(&dir.join(name));
+            }
+        }
+
+        let mut report = ReplayReport {
+            snapshot_lsn,
+            ..ReplayReport::default()
+        };
+        let mut last_lsn = snapshot_lsn;
+        for &generation in &generations {
+            let path = dir.join(crate::persist::log::log_file_name(generation));
+            let bytes = storage
+                .read(&path)
+                .map_err(|e| io_error("read", &path, e))?;
+            match decode_header(&bytes, dim as u32)? {
+                LogHeader::Torn => {
+                    report.torn_tails += u64::from(!bytes.is_empty());
+                    continue;
+                }
+                LogHeader::Valid { generation: g } if g != generation => {
+                    return Err(crate::FormatError::Corrupt(format!(
+                        "{} says it is log generation {g}",
+                        path.display()
+                    ))
+                    .into());
+                }
+                LogHeader::Valid { .. } => {}
+            }
+            let (records, valid) = decode_records(&bytes, dim);
+            report.torn_tails += u64::from(valid < bytes.len());
+            for record in records {
+                if record.lsn <= last_lsn {
+                    report.already_in_snapshot += 1;
+                    continue;
+                }
+                last_lsn = record.lsn;
+                let outcome = match &record.op {
+                    LogOp::Insert(key, v) => index.insert(*key, v),
+                    LogOp::Update(key, v) => index.update(*key, v),
+                    LogOp::Remove(key) => index.remove(*key),
+                };
+                match outcome {
+                    Ok(()) => report.applied += 1,
+                    Err(_) => report.skipped += 1,
+                }
+            }
+        }
+
+        let generation = generations.last().map_or(1, |g| g + 1);
+        let (file, path, len) = create_log_file(storage.as_ref(), &dir, dim as u32, generation)?;
+        let log = LogWriter::new(file, path, len, last_lsn + 1, options.durability);
+        Ok(Self::assemble(
+            index,
+            dir,
+            storage,
+            log,
+            generation,
+            generations,
+            report,
+        ))
+    }
+
+    /// Opens the durable index in `dir`, or creates it with `params` if the
+    /// directory holds none.
+    pub fn open_or_create(
+        dir: impl AsRef<Path>,
+        params: IndexParams,
+        options: DurableOptions,
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        if options.storage.read(&dir.join(SNAPSHOT_FILE)).is_ok() {
+            Self::open(dir, options)
+        } else {
+            Self::create(dir, params, options)
+        }
+    }
+
+    fn assemble(
+        index: Index,
+        dir: PathBuf,
+        storage: Arc<dyn Storage>,
+        log: LogWriter,
+        generation: u64,
+        old_generations: Vec<u64>,
+        report: ReplayReport,
+    ) -> Self {
+        Self {
+            index,
+            dir,
+            storage,
+            log,
+            old_generations: Mutex::new(old_generations),
+            generation: Mutex::new(generation),
+            gate: RwLock::new(()),
+            checkpointing: Mutex::new(()),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            report,
+        }
+    }
+
+    /// The index, for searches and reads.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// What opening replayed (all zero for a created index).
+    pub fn replay_report(&self) -> ReplayReport {
+        self.report
+    }
+
+    /// The sequence number of the last logged operation.
+    pub fn last_lsn(&self) -> u64 {
+        self.log.last_lsn()
+    }
+
+    fn stripe(&self, key: u64) -> &Mutex<()> {
+        // Fibonacci hashing spreads sequential keys over the stripes.
+        let h = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58;
+        &self.stripes[h as usize % STRIPES]
+    }
+
+    /// Logs `op`, waits until it is durable, then applies it.
+    fn logged(
+        &self,
+        key: u64,
+        validate: impl FnOnce() -> Result<()>,
+        op: LogOpRef<'_>,
+        apply: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let _gate = self.gate.read();
+        let _stripe = self.stripe(key).lock();
+        validate()?;
+        let lsn = self.log.append(op)?;
+        self.log.wait_durable(lsn)?;
+        apply()
+    }
+
+    /// [`Index::insert`], durable when it returns.
+    pub fn insert(&self, key: u64, vector: &[f32]) -> Result<()> {
+        self.logged(
+            key,
+            || {
+                self.index.prepare(vector)?;
+                if self.index.contains(key) {
+                    return Err(Error::DuplicateKey(key));
+                }
+                Ok(())
+            },
+            LogOpRef::Insert(key, vector),
+            || self.index.insert(key, vector),
+        )
+    }
+
+    /// [`Index::update`], durable when it returns.
+    pub fn update(&self, key: u64, vector: &[f32]) -> Result<()> {
+        self.logged(
+            key,
+            || {
+                self.index.prepare(vector)?;
+                if !self.index.contains(key) {
+                    return Err(Error::KeyNotFound(key));
+                }
+                Ok(())
+            },
+            LogOpRef::Update(key, vector),
+            || self.index.update(key, vector),
+        )
+    }
+
+    /// [`Index::remove`], durable when it returns.
+    pub fn remove(&self, key: u64) -> Result<()> {
+        self.logged(
+            key,
+            || {
+                if !self.index.contains(key) {
+                    return Err(Error::KeyNotFound(key));
+                }
+                Ok(())
+            },
+            LogOpRef::Remove(key),
+            || self.index.remove(key),
+        )
+    }
+
+    /// Writes a new snapshot and drops the logs it makes redundant (see the
+    /// module docs). Writers wait while the index is copied in memory;
+    /// searches never wait. On error the previous snapshot and every log
+    /// stay valid, and the index is unchanged.
+    pub fn checkpoint(&self) -> Result<()> {
+        let _one_at_a_time = self.checkpointing.lock();
+        let snapshot_path = self.dir.join(SNAPSHOT_FILE);
+        let (snapshot, retired) = {
+            let _quiescent = self.gate.write();
+            let lsn = self.log.last_lsn();
+            let snapshot = self.index.snapshot(lsn)?;
+            let mut generation = self.generation.lock();
+            let next = *generation + 1;
+            let dim = self.index.params().dim as u32;
+            let (file, path, len) = create_log_file(self.storage.as_ref(), &self.dir, dim, next)?;
+            self.log.rotate(file, path, len);
+            let mut old = self.old_generations.lock();
+            old.push(*generation);
+            *generation = next;
+            (snapshot, old.clone())
+        };
+        snapshot.write(self.storage.as_ref(), &snapshot_path)?;
+        // The new snapshot is durable: the older logs are redundant. A
+        // failed removal only leaves a file that replay skips.
+        let mut old = self.old_generations.lock();
+        for generation in retired {
+            let path = self
+                .dir
+                .join(crate::persist::log::log_file_name(generation));
+            if self.storage.remove(&path).is_ok() {
+                old.retain(|&g| g != generation);
+            }
+        }
+        Ok(())
+    }
+}

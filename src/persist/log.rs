@@ -1,0 +1,475 @@
+//! The update log: an append-only file of checksummed records, and the
+//! group-commit writer that makes them durable.
+//!
+//! # File layout (little-endian)
+//!
+//! ```text
+//!  header, 32 bytes   "NANNLOG\0" │ version u32 │ dim u32 │ generation u64 │ CRC32C u32 │ 0 u32
+//!  record             body length u32 │ CRC32C(body) u32 │ body
+//!  body               lsn u64 │ op u8 (1 insert, 2 update, 3 remove) │ key u64 │ dim x f32 (insert, update)
+//! ```
+//!
+//! A reader stops at the first record that is short, has an impossible
+//! length, a wrong checksum or a sequence number that does not grow: that
+//! is the torn tail a crash leaves, and nothing after it was acknowledged
+//! (an fsync covers every byte written before it, so no later record can
+//! be durable while an earlier one is torn).
+//!
+//! # Group commit
+//!
+//! ```text
+//!   op thread:  append(record) ──► lsn ──► wait_durable(lsn) ──► Ok / Err
+//!                    │                          ▲
+//!                    ▼                          │ notify_all
+//!   shared:     buffer ── the first waiter to find no flush running becomes
+//!                         the leader: (GroupCommit: waits the interval to
+//!                         gather more) takes the buffer, writes, fsyncs,
+//!                         publishes durable_lsn
+//! ```
+//!
+//! With [`Durability::PerOp`] the leader flushes at once, so a lone writer
+//! pays one fsync per operation and concurrent writers still share fsyncs.
+//! A failed write or fsync fails every operation of its batch; the file is
+//! cut back to its last durable length, and if even that fails the log is
+//! closed and every later operation fails until the index is reopened.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::io::error as io_error;
+use super::storage::{Storage, StorageFile};
+use super::FormatError;
+use crate::error::{Error, Result};
+
+const MAGIC: [u8; 8] = *b"NANNLOG\0";
+const VERSION: u32 = 1;
+/// Bytes of the log file header.
+pub(crate) const HEADER_LEN: usize = 32;
+/// Bytes of a record's length and checksum fields.
+const FRAME_LEN: usize = 8;
+/// Bytes of a body without its vector.
+const BODY_FIXED: usize = 8 + 1 + 8;
+
+/// Call site of the fsync of update-log records.
+pub const SYNC_LOG_FILE: &str = "log file";
+/// Call site of the directory fsync after a new log file is created.
+pub const SYNC_LOG_DIR: &str = "log directory";
+
+/// When an operation's log record must be durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Flush and fsync as soon as the operation is logged (concurrent
+    /// operations still share one fsync).
+    PerOp,
+    /// Gather records for up to this long, then flush and fsync them
+    /// together; each operation still returns only once it is durable.
+    GroupCommit(Duration),
+}
+
+/// One logged operation.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum LogOp {
+    Insert(u64, Vec<f32>),
+    Update(u64, Vec<f32>),
+    Remove(u64),
+}
+
+/// A borrowed [`LogOp`], for encoding without a copy.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LogOpRef<'a> {
+    Insert(u64, &'a [f32]),
+    Update(u64, &'a [f32]),
+    Remove(u64),
+}
+
+/// A decoded record.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct LogRecord {
+    pub(crate) lsn: u64,
+    pub(crate) op: LogOp,
+}
+
+/// The header of a log file.
+pub(crate) fn encode_header(dim: u32, generation: u64) -> [u8; HEADER_LEN] {
+    let mut out = [0u8; HEADER_LEN];
+    out[..8].copy_from_slice(&MAGIC);
+    out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    out[12..16].copy_from_slice(&dim.to_le_bytes());
+    out[16..24].copy_from_slice(&generation.to_le_bytes());
+    let crc = crc32c::crc32c(&out[..24]);
+    out[24..28].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// What a log file's header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LogHeader {
+    /// Valid: the generation it names.
+    Valid { generation: u64 },
+    /// Short or failing its checksum: a file a crash caught right after its
+    /// creation (it holds no acknowledged record).
+    Torn,
+}
+
+/// Decodes a log header; a valid header for another dimension or version is
+/// an error (the file belongs to another index or a newer nann).
+pub(crate) fn decode_header(bytes: &[u8], dim: u32) -> Result<LogHeader, FormatError> {
+    let Some(head) = bytes.get(..HEADER_LEN) else {
+        return Ok(LogHeader::Torn);
+    };
+    let le32 = |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+    if crc32c::crc32c(&head[..24]) != le32(24) {
+        return Ok(LogHeader::Torn);
+    }
+    if head[..8] != MAGIC {
+        return Err(FormatError::NotAnIndex);
+    }
+    if le32(8) != VERSION {
+        return Err(FormatError::UnsupportedVersion { found: le32(8) });
+    }
+    if le32(12) != dim {
+        return Err(FormatError::Corrupt(format!(
+            "update log for dimension {}, the snapshot has {dim}",
+            le32(12)
+        )));
+    }
+    let mut generation = [0u8; 8];
+    generation.copy_from_slice(&head[16..24]);
+    Ok(LogHeader::Valid {
+        generation: u64::from_le_bytes(generation),
+    })
+}
+
+/// Appends one framed record to `out`.
+pub(crate) fn encode_record(out: &mut Vec<u8>, lsn: u64, op: LogOpRef<'_>) {
+    let (code, key, vector): (u8, u64, &[f32]) = match op {
+        LogOpRef::Insert(k, v) => (1, k, v),
+        LogOpRef::Update(k, v) => (2, k, v),
+        LogOpRef::Remove(k) => (3, k, &[]),
+    };
+    let body_len = BODY_FIXED + 4 * vector.len();
+    let start = out.len();
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0u8; 4]);
+    out.extend_from_slice(&lsn.to_le_bytes());
+    out.push(code);
+    out.extend_from_slice(&key.to_le_bytes());
+    for x in vector {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&out[start + FRAME_LEN..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Decodes the records after the header, in order, up to the torn tail.
+/// Returns them and the byte length of the valid prefix (header included).
+pub(crate) fn decode_records(bytes: &[u8], dim: usize) -> (Vec<LogRecord>, usize) {
+    let mut records = Vec::new();
+    let mut at = HEADER_LEN.min(bytes.len());
+    let mut last_lsn = 0u64;
+    let with_vector = BODY_FIXED + 4 * dim;
+    while let Some(frame) = bytes.get(at..at + FRAME_LEN) {
+        let body_len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+        let crc = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
+        if body_len != BODY_FIXED && body_len != with_vector {
+            break;
+        }
+        let Some(body) = bytes.get(at + FRAME_LEN..at + FRAME_LEN + body_len) else {
+            break;
+        };
+        if crc32c::crc32c(body) != crc {
+            break;
+        }
+        let mut lsn = [0u8; 8];
+        lsn.copy_from_slice(&body[..8]);
+        let lsn = u64::from_le_bytes(lsn);
+        let mut key = [0u8; 8];
+        key.copy_from_slice(&body[9..17]);
+        let key = u64::from_le_bytes(key);
+        let vector = || -> Vec<f32> {
+            body[BODY_FIXED..]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let op = match (body[8], body_len == with_vector) {
+            (1, true) => LogOp::Insert(key, vector()),
+            (2, true) => LogOp::Update(key, vector()),
+            (3, false) => LogOp::Remove(key),
+            _ => break,
+        };
+        if lsn <= last_lsn {
+            break;
+        }
+        last_lsn = lsn;
+        records.push(LogRecord { lsn, op });
+        at += FRAME_LEN + body_len;
+    }
+    (records, at)
+}
+
+/// The group-commit writer of one log file at a time.
+pub(crate) struct LogWriter {
+    state: Mutex<WriterState>,
+    durable: Condvar,
+    mode: Durability,
+}
+
+impl std::fmt::Debug for LogWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        f.debug_struct("LogWriter")
+            .field("path", &state.path)
+            .field("next_lsn", &state.next_lsn)
+            .field("durable_lsn", &state.durable_lsn)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+struct WriterState {
+    /// `None` while a flush has it (the flushing thread works without the
+    /// lock, so operations keep appending to the buffer meanwhile).
+    file: Option<Box<dyn StorageFile>>,
+    path: PathBuf,
+    /// Encoded records not yet handed to a flush.
+    buffer: Vec<u8>,
+    next_lsn: u64,
+    /// Every record with a smaller or equal lsn is durable.
+    durable_lsn: u64,
+    /// Bytes of the file known durable.
+    file_len: u64,
+    flushing: bool,
+    /// The last failed batch: its lsn range and the error its waiters get.
+    failed: Option<(u64, u64, Error)>,
+    /// Set when the file could not be restored after a failure.
+    closed: Option<Error>,
+}
+
+impl LogWriter {
+    /// A writer appending to `file` (whose durable length is `file_len`),
+    /// handing out sequence numbers from `next_lsn`.
+    pub(crate) fn new(
+        file: Box<dyn StorageFile>,
+        path: PathBuf,
+        file_len: u64,
+        next_lsn: u64,
+        mode: Durability,
+    ) -> Self {
+        Self {
+            state: Mutex::new(WriterState {
+                file: Some(file),
+                path,
+                buffer: Vec::new(),
+                next_lsn,
+                durable_lsn: next_lsn - 1,
+                file_len,
+                flushing: false,
+                failed: None,
+                closed: None,
+            }),
+            durable: Condvar::new(),
+            mode,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WriterState> {
+        // The state stays consistent across a panicking holder (every
+        // update below is a few plain assignments).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Buffers a record and returns its sequence number.
+    pub(crate) fn append(&self, op: LogOpRef<'_>) -> Result<u64> {
+        let mut state = self.lock();
+        if let Some(e) = &state.closed {
+            return Err(e.clone());
+        }
+        let lsn = state.next_lsn;
+        state.next_lsn += 1;
+        encode_record(&mut state.buffer, lsn, op);
+        Ok(lsn)
+    }
+
+    /// The largest sequence number handed out so far.
+    pub(crate) fn last_lsn(&self) -> u64 {
+        self.lock().next_lsn - 1
+    }
+
+    /// Returns once record `lsn` is durable, or with the error that lost it.
+    pub(crate) fn wait_durable(&self, lsn: u64) -> Result<()> {
+        let mut state = self.lock();
+        loop {
+            if state.durable_lsn >= lsn {
+                return Ok(());
+            }
+            if let Some((from, to, e)) = &state.failed {
+                if (*from..=*to).contains(&lsn) {
+                    return Err(e.clone());
+                }
+            }
+            if let Some(e) = &state.closed {
+                return Err(e.clone());
+            }
+            if state.flushing {
+                state = self.durable.wait(state).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            // Lead a flush.
+            state.flushing = true;
+            if let Durability::GroupCommit(interval) = self.mode {
+                drop(state);
+                std::thread::sleep(interval);
+                state = self.lock();
+            }
+            let batch = std::mem::take(&mut state.buffer);
+            let from = state.durable_lsn + 1;
+            let to = state.next_lsn - 1;
+            let path = state.path.clone();
+            let Some(mut file) = state.file.take() else {
+                // Unreachable: only the flushing thread takes the file.
+                state.flushing = false;
+                return Err(Error::InvalidParameter {
+                    name: "update log",
+                    reason: "no file to flush to".into(),
+                });
+            };
+            drop(state);
+            let outcome = file
+                .append(&batch)
+                .map_err(|e| io_error("append to update log", &path, e))
+                .and_then(|()| {
+                    file.sync(SYNC_LOG_FILE)
+                        .map_err(|e| io_error("fsync update log", &path, e))
+                });
+            state = self.lock();
+            match outcome {
+                Ok(()) => {
+                    state.file_len += batch.len() as u64;
+                    state.durable_lsn = to;
+                }
+                Err(e) => {
+                    // Cut the failed batch off so no later record follows
+                    // garbage; if that fails too, close the log.
+                    if let Err(t) = file.truncate(state.file_len) {
+                        state.closed = Some(io_error("truncate update log", &path, t));
+                    }
+                    state.failed = Some((from, to, e));
+                }
+            }
+            state.file = Some(file);
+            state.flushing = false;
+            self.durable.notify_all();
+        }
+    }
+
+    /// Switches to a new file. The caller guarantees no operation is in
+    /// flight (so the buffer is empty and no flush runs).
+    pub(crate) fn rotate(&self, file: Box<dyn StorageFile>, path: PathBuf, file_len: u64) {
+        let mut state = self.lock();
+        state.file = Some(file);
+        state.path = path;
+        state.file_len = file_len;
+        state.failed = None;
+        state.closed = None;
+    }
+}
+
+/// Creates log file `generation` in `dir`: header written, name durable.
+pub(crate) fn create_log_file(
+    storage: &dyn Storage,
+    dir: &Path,
+    dim: u32,
+    generation: u64,
+) -> Result<(Box<dyn StorageFile>, PathBuf, u64)> {
+    let path = dir.join(log_file_name(generation));
+    let mut file = storage
+        .create(&path)
+        .map_err(|e| io_error("create update log", &path, e))?;
+    file.append(&encode_header(dim, generation))
+        .map_err(|e| io_error("write update log header", &path, e))?;
+    // The header becomes durable with the first record batch; only the
+    // name needs the directory fsync now (a torn header reads as empty).
+    storage
+        .sync_dir(dir, SYNC_LOG_DIR)
+        .map_err(|e| io_error("fsync directory", dir, e))?;
+    Ok((file, path, 0))
+}
+
+/// `log-<generation, 16 hex digits>.wal`.
+pub(crate) fn log_file_name(generation: u64) -> String {
+    format!("log-{generation:016x}.wal")
+}
+
+/// The generation a file name denotes, if it is a log file's name.
+pub(crate) fn parse_log_file_name(name: &str) -> Option<u64> {
+    let hex = name.strip_prefix("log-")?.strip_suffix(".wal")?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_a_torn_tail_ends_the_log() {
+        let mut bytes = encode_header(3, 7).to_vec();
+        encode_record(&mut bytes, 1, LogOpRef::Insert(10, &[1.0, 2.0, 3.0]));
+        encode_record(&mut bytes, 2, LogOpRef::Remove(10));
+        encode_record(&mut bytes, 5, LogOpRef::Update(11, &[4.0, 5.0, 6.0]));
+        assert_eq!(
+            decode_header(&bytes, 3),
+            Ok(LogHeader::Valid { generation: 7 })
+        );
+        let (records, valid) = decode_records(&bytes, 3);
+        assert_eq!(valid, bytes.len());
+        assert_eq!(
+            records,
+            vec![
+                LogRecord {
+                    lsn: 1,
+                    op: LogOp::Insert(10, vec![1.0, 2.0, 3.0])
+                },
+                LogRecord {
+                    lsn: 2,
+                    op: LogOp::Remove(10)
+                },
+                LogRecord {
+                    lsn: 5,
+                    op: LogOp::Update(11, vec![4.0, 5.0, 6.0])
+                },
+            ]
+        );
+        // Every truncation keeps exactly the records that fit whole.
+        for cut in HEADER_LEN..bytes.len() {
+            let (kept, valid) = decode_records(&bytes[..cut], 3);
+            assert!(valid <= cut);
+            assert!(records.starts_with(&kept));
+        }
+        // A flipped bit in the middle record ends the log before it.
+        let mut flipped = bytes.clone();
+        flipped[HEADER_LEN + 8 + 29 + 8 + 3] ^= 1;
+        assert_eq!(decode_records(&flipped, 3).0.len(), 1);
+        // A non-growing sequence number ends it too.
+        let mut repeated = encode_header(3, 7).to_vec();
+        encode_record(&mut repeated, 4, LogOpRef::Remove(1));
+        encode_record(&mut repeated, 4, LogOpRef::Remove(2));
+        assert_eq!(decode_records(&repeated, 3).0.len(), 1);
+    }
+
+    #[test]
+    fn a_short_or_damaged_header_reads_as_torn_and_another_dim_is_an_error() {
+        let header = encode_header(3, 1);
+        assert_eq!(decode_header(&header[..10], 3), Ok(LogHeader::Torn));
+        let mut bad = header;
+        bad[17] ^= 1;
+        assert_eq!(decode_header(&bad, 3), Ok(LogHeader::Torn));
+        assert!(decode_header(&header, 4).is_err());
+        assert_eq!(parse_log_file_name(&log_file_name(42)), Some(42));
+        assert_eq!(parse_log_file_name("log-12.wal"), None);
+    }
+}

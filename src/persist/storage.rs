@@ -1,0 +1,118 @@
+//! The storage seam: every byte nann persists goes through [`Storage`].
+//!
+//! ```text
+//!   Index::save_to ──┐                        ┌── FsStorage   (std::fs: the real disk)
+//!   DurableIndex   ──┼── dyn Storage ─────────┤
+//!   (log, checkpoint)┘                        └── SimStorage  (memory: crashes that drop
+//!                                                  unsynced writes, injected I/O errors)
+//! ```
+//!
+//! The trait is small on purpose: whole-file reads, files written front to
+//! back (append), `sync` of a file's data, atomic `rename`, `remove`, and
+//! `sync_dir`, which makes name changes (create, rename, remove) durable.
+//! These are exactly the guarantees a POSIX file system gives after a power
+//! loss, and exactly the ones [`SimStorage`](super::SimStorage) takes away
+//! when it simulates one, so every backend is tested against the same crash
+//! model (tantivy's `Directory` is the model for the seam; redb's crash tests
+//! for the simulation).
+//!
+//! Every `sync` names its call site (`what`), so an error says which step
+//! failed and a test can remove one specific fsync to show that a crash test
+//! notices (see `tests/durable.rs`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+
+/// A file open for writing at its end.
+pub trait StorageFile: Send {
+    /// Appends `bytes` (all of them, or an error).
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes everything appended so far durable (`fdatasync`). `what` names
+    /// the call site.
+    fn sync(&mut self, what: &'static str) -> io::Result<()>;
+    /// Cuts the file to `len` bytes (used to drop a batch whose write failed).
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// A place to keep files: a directory on disk or a simulation of one.
+///
+/// Paths are passed through unchanged; a backend decides what they mean.
+/// Implementations must be usable from many threads.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// The whole content of `path`.
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Creates `path`, which must not exist, for writing.
+    fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>>;
+    /// Opens the existing `path` for appending at its end.
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn StorageFile>>;
+    /// Renames `from` to `to` atomically, replacing `to` if it exists.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes `path`.
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Makes the name changes in `dir` durable (`fsync` of the directory).
+    fn sync_dir(&self, dir: &Path, what: &'static str) -> io::Result<()>;
+    /// The names of the files directly in `dir`.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Creates `dir` (and its parents) if missing.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// The real file system (`std::fs`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FsStorage;
+
+struct FsFile(File);
+
+impl StorageFile for FsFile {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.0.write_all(bytes)
+    }
+    fn sync(&mut self, _what: &'static str) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+impl Storage for FsStorage {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        fs::read(path)
+    }
+    fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
+        let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+        Ok(Box::new(FsFile(file)))
+    }
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
+        let file = OpenOptions::new().append(true).open(path)?;
+        Ok(Box::new(FsFile(file)))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+    fn sync_dir(&self, dir: &Path, _what: &'static str) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            File::open(dir)?.sync_all()
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = dir;
+            Ok(())
+        }
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            names.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        Ok(names)
+    }
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        fs::create_dir_all(dir)
+    }
+}
