@@ -56,7 +56,7 @@ use crate::persist::{io_error, Durability, FileInfo, FsStorage, Storage};
 /// Name of the snapshot file in a durable index's directory.
 pub const SNAPSHOT_FILE: &str = "index.nann";
 
-const STRIPES: usize = 64;
+const STRIPES: usize = 1024;
 
 /// How a [`DurableIndex`] persists: when records are durable, and where.
 #[derive(Debug, Clone)]
@@ -316,7 +316,7 @@ impl DurableIndex {
 
     fn stripe(&self, key: u64) -> &Mutex<()> {
         // Fibonacci hashing spreads sequential keys over the stripes.
-        let h = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58;
+        let h = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54;
         &self.stripes[h as usize % STRIPES]
     }
 
