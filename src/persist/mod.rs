@@ -48,7 +48,9 @@
 //!
 //! Opening copies the sections into a freshly allocated index (the file is
 //! memory-mapped only while it is read and validated); zero-copy serving from
-//! the mapping, the durable update log and `checkpoint` come next.
+//! the mapping and `open_unchecked` come next. The durable update log and
+//! `checkpoint` are [`DurableIndex`](crate::DurableIndex); every byte goes
+//! through the [`Storage`] seam.
 //!
 //! # Saving
 //!
