@@ -32,6 +32,12 @@ struct Args {
     json: bool,
 }
 
+fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{flag}: '{value}' is not a number"))
+}
+
 fn parse() -> Result<Args, String> {
     let mut args = Args {
         dir: std::env::temp_dir().join(format!("nann-durable-bench-{}", std::process::id())),
@@ -49,34 +55,13 @@ fn parse() -> Result<Args, String> {
             continue;
         }
         let value = raw.next().ok_or(format!("{flag} needs a value"))?;
-        let bad = |_: String| format!("{flag}: '{value}' is not a number");
         match flag.as_str() {
             "--dir" => args.dir = PathBuf::from(&value),
-            "--n" => {
-                args.n = value
-                    .parse()
-                    .map_err(|e: std::num::ParseIntError| bad(e.to_string()))?
-            }
-            "--dim" => {
-                args.dim = value
-                    .parse()
-                    .map_err(|e: std::num::ParseIntError| bad(e.to_string()))?
-            }
-            "--threads" => {
-                args.threads = value
-                    .parse()
-                    .map_err(|e: std::num::ParseIntError| bad(e.to_string()))?
-            }
-            "--seconds" => {
-                args.seconds = value
-                    .parse()
-                    .map_err(|e: std::num::ParseFloatError| bad(e.to_string()))?
-            }
-            "--group-ms" => {
-                args.group_ms = value
-                    .parse()
-                    .map_err(|e: std::num::ParseFloatError| bad(e.to_string()))?
-            }
+            "--n" => args.n = number(&flag, &value)?,
+            "--dim" => args.dim = number(&flag, &value)?,
+            "--threads" => args.threads = number(&flag, &value)?,
+            "--seconds" => args.seconds = number(&flag, &value)?,
+            "--group-ms" => args.group_ms = number(&flag, &value)?,
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -119,7 +104,7 @@ fn timed(threads: usize, seconds: f64, op: impl Fn(usize, u64) -> bool + Sync) -
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
-fn fill(index: &DurableIndex, n: usize, dim: usize, threads: usize) -> Result<(), String> {
+fn fill(index: &DurableIndex, n: usize, dim: usize, threads: usize) {
     let next = AtomicUsize::new(0);
     std::thread::scope(|s| {
         for _ in 0..threads {
@@ -134,7 +119,6 @@ fn fill(index: &DurableIndex, n: usize, dim: usize, threads: usize) -> Result<()
             });
         }
     });
-    Ok(())
 }
 
 fn run(args: &Args) -> Result<Vec<(String, f64)>, String> {
@@ -149,7 +133,7 @@ fn run(args: &Args) -> Result<Vec<(String, f64)>, String> {
         let _ = std::fs::remove_dir_all(&dir);
         let index = DurableIndex::create(&dir, params.clone(), DurableOptions::new(group))
             .map_err(|e| e.to_string())?;
-        fill(&index, args.n, args.dim, args.threads)?;
+        fill(&index, args.n, args.dim, args.threads);
         drop(index);
         let index =
             DurableIndex::open(&dir, DurableOptions::new(durability)).map_err(|e| e.to_string())?;
@@ -166,7 +150,7 @@ fn run(args: &Args) -> Result<Vec<(String, f64)>, String> {
     let _ = std::fs::remove_dir_all(&dir);
     let index = DurableIndex::create(&dir, params.clone(), DurableOptions::new(group))
         .map_err(|e| e.to_string())?;
-    fill(&index, args.n, args.dim, args.threads)?;
+    fill(&index, args.n, args.dim, args.threads);
     let n = args.n as u64;
     let threads = args.threads as u64;
     let logged = timed(args.threads, args.seconds, |t, i| {
