@@ -48,8 +48,8 @@ use crate::error::{Error, Result};
 use crate::index::Index;
 use crate::params::IndexParams;
 use crate::persist::log::{
-    create_log_file, decode_header, decode_records, parse_log_file_name, LogHeader, LogOp,
-    LogOpRef, LogWriter,
+    create_log_file, decode_header, decode_records, log_file_name, parse_log_file_name, LogHeader,
+    LogOp, LogOpRef, LogWriter,
 };
 use crate::persist::{io_error, Durability, FileInfo, FsStorage, Storage};
 
@@ -189,18 +189,16 @@ impl DurableIndex {
         drop(bytes);
         let dim = index.params().dim;
 
-        let mut generations: Vec<u64> = storage
-            .list(&dir)
-            .map_err(|e| io_error("list", &dir, e))?
+        let names = storage.list(&dir).map_err(|e| io_error("list", &dir, e))?;
+        let mut generations: Vec<u64> = names
             .iter()
             .filter_map(|name| parse_log_file_name(name))
             .collect();
         generations.sort_unstable();
         // Temporary files of saves a crash interrupted are not the index.
-        for name in storage.list(&dir).map_err(|e| io_error("list", &dir, e))? {
-            if name.starts_with(&format!(".{SNAPSHOT_FILE}.tmp.")) {
-                let _ = storage.remove(&dir.join(name));
-            }
+        let temporary = format!(".{SNAPSHOT_FILE}.tmp.");
+        for name in names.iter().filter(|n| n.starts_with(&temporary)) {
+            let _ = storage.remove(&dir.join(name));
         }
 
         let mut report = ReplayReport {
@@ -209,7 +207,7 @@ impl DurableIndex {
         };
         let mut last_lsn = snapshot_lsn;
         for &generation in &generations {
-            let path = dir.join(crate::persist::log::log_file_name(generation));
+            let path = dir.join(log_file_name(generation));
             let bytes = storage
                 .read(&path)
                 .map_err(|e| io_error("read", &path, e))?;
@@ -409,9 +407,7 @@ impl DurableIndex {
         // failed removal only leaves a file that replay skips.
         let mut old = self.old_generations.lock();
         for generation in retired {
-            let path = self
-                .dir
-                .join(crate::persist::log::log_file_name(generation));
+            let path = self.dir.join(log_file_name(generation));
             if self.storage.remove(&path).is_ok() {
                 old.retain(|&g| g != generation);
             }
