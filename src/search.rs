@@ -20,6 +20,7 @@
 
 use crossbeam_epoch::Guard;
 
+use crate::distance::DistanceVisitor;
 use crate::error::Result;
 use crate::graph::VectorRef;
 use crate::index::{Hit, Index};
@@ -67,13 +68,35 @@ impl Index {
     pub(crate) fn greedy_descent(
         &self,
         query: &[f32],
-        mut current: Scored,
+        current: Scored,
         from: usize,
         to: usize,
         links: &mut Vec<u32>,
         guard: &Guard,
     ) -> Scored {
-        for layer in (to + 1..=from).rev() {
+        self.distance.dispatch(GreedyDescent {
+            index: self,
+            query,
+            current,
+            layers: (to + 1, from),
+            links,
+            guard,
+        })
+    }
+
+    /// [`Index::greedy_descent`]'s loop, with the distance inlined.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn greedy_descent_with(
+        &self,
+        query: &[f32],
+        mut current: Scored,
+        (lowest, highest): (usize, usize),
+        links: &mut Vec<u32>,
+        guard: &Guard,
+        distance: impl Fn(&[f32], &[f32]) -> f32,
+    ) -> Scored {
+        for layer in (lowest..=highest).rev() {
             loop {
                 let mut improved = false;
                 self.graph.read_links(current.slot, layer, links);
@@ -81,11 +104,17 @@ impl Index {
                     self.graph.prefetch_vector(n);
                 }
                 for &n in links.iter() {
-                    if let Some(s) = self.score(query, n, guard) {
-                        if s.dist < current.dist {
-                            current = s;
-                            improved = true;
-                        }
+                    let Some(v) = self.graph.vector(n, guard) else {
+                        continue;
+                    };
+                    let dist = distance(query, v.vector);
+                    if dist < current.dist {
+                        current = Scored {
+                            dist,
+                            slot: n,
+                            cell: v.cell,
+                        };
+                        improved = true;
                     }
                 }
                 if !improved {
@@ -108,8 +137,36 @@ impl Index {
         ef: usize,
         scratch: &mut Scratch,
         guard: &Guard,
+        accept: impl FnMut(u32, &VectorRef<'_>) -> bool,
+        budget: &mut Budget,
+    ) -> bool {
+        self.distance.dispatch(LayerSearch {
+            index: self,
+            query,
+            entries,
+            layer,
+            ef,
+            scratch,
+            guard,
+            accept,
+            budget,
+        })
+    }
+
+    /// [`Index::search_layer`]'s loop, with the distance inlined.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn search_layer_with(
+        &self,
+        query: &[f32],
+        entries: &[Scored],
+        layer: usize,
+        ef: usize,
+        scratch: &mut Scratch,
+        guard: &Guard,
         mut accept: impl FnMut(u32, &VectorRef<'_>) -> bool,
         budget: &mut Budget,
+        distance: impl Fn(&[f32], &[f32]) -> f32,
     ) -> bool {
         let slots = self.next_slot.load(Ordering::Acquire);
         let Scratch {
@@ -163,7 +220,7 @@ impl Index {
                     continue;
                 };
                 budget.spent += 1;
-                let dist = self.dist(query, v.vector);
+                let dist = distance(query, v.vector);
                 if beam.admits(dist) {
                     let scored = Scored {
                         dist,
@@ -469,5 +526,63 @@ impl Index {
         crate::parallel::map_indexed(queries.len(), threads, |i| {
             self.search(queries[i].as_ref(), k, ef)
         })
+    }
+}
+
+/// The arguments of one [`Index::search_layer`], carried into
+/// [`Distance::dispatch`](crate::distance::Distance::dispatch).
+struct LayerSearch<'a, 'g, A> {
+    index: &'a Index,
+    query: &'a [f32],
+    entries: &'a [Scored],
+    layer: usize,
+    ef: usize,
+    scratch: &'a mut Scratch,
+    guard: &'g Guard,
+    accept: A,
+    budget: &'a mut Budget,
+}
+
+impl<A: FnMut(u32, &VectorRef<'_>) -> bool> DistanceVisitor for LayerSearch<'_, '_, A> {
+    type Output = bool;
+    #[inline(always)]
+    fn visit<D: Fn(&[f32], &[f32]) -> f32>(self, distance: D) -> bool {
+        self.index.search_layer_with(
+            self.query,
+            self.entries,
+            self.layer,
+            self.ef,
+            self.scratch,
+            self.guard,
+            self.accept,
+            self.budget,
+            distance,
+        )
+    }
+}
+
+/// The arguments of one [`Index::greedy_descent`].
+struct GreedyDescent<'a, 'g> {
+    index: &'a Index,
+    query: &'a [f32],
+    current: Scored,
+    /// (lowest, highest) layer to descend through.
+    layers: (usize, usize),
+    links: &'a mut Vec<u32>,
+    guard: &'g Guard,
+}
+
+impl DistanceVisitor for GreedyDescent<'_, '_> {
+    type Output = Scored;
+    #[inline(always)]
+    fn visit<D: Fn(&[f32], &[f32]) -> f32>(self, distance: D) -> Scored {
+        self.index.greedy_descent_with(
+            self.query,
+            self.current,
+            self.layers,
+            self.links,
+            self.guard,
+            distance,
+        )
     }
 }

@@ -26,6 +26,7 @@ fn hsum256(v: __m256) -> f32 {
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 pub unsafe fn l2_squared_avx2(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -65,6 +66,7 @@ pub unsafe fn l2_squared_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -106,6 +108,7 @@ pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// # Safety
 /// The CPU must support AVX-512F.
 #[target_feature(enable = "avx512f")]
+#[inline]
 pub unsafe fn l2_squared_avx512(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -148,6 +151,7 @@ pub unsafe fn l2_squared_avx512(a: &[f32], b: &[f32]) -> f32 {
 /// # Safety
 /// The CPU must support AVX-512F.
 #[target_feature(enable = "avx512f")]
+#[inline]
 pub unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
