@@ -55,7 +55,7 @@ use crossbeam_epoch::Guard;
 
 use crate::error::{Error, Result};
 use crate::lock::{EntryLock, EntryWriteGuard, ReadVersion};
-use crate::storage::{CellId, CellReader, Chunked, VectorArena};
+use crate::storage::{CellId, CellReader, Chunked, Keepalive, VectorArena};
 use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// Bit 31 of a cell word: the entry was removed (kept for navigation).
@@ -100,6 +100,18 @@ pub(crate) struct GraphImport<'a> {
     /// (level, words) per upper block, in table order.
     pub(crate) upper_blocks: Vec<(usize, &'a [u32])>,
     pub(crate) entry: Option<(u32, usize)>,
+}
+
+/// The per-slot arrays of a mapped index file (see [`Graph::from_borrowed`]).
+#[cfg(not(loom))]
+pub(crate) struct BorrowedArrays {
+    pub(crate) slots: usize,
+    pub(crate) level0: std::ptr::NonNull<AtomicU32>,
+    pub(crate) cells: std::ptr::NonNull<AtomicU32>,
+    pub(crate) anchors: std::ptr::NonNull<AtomicU32>,
+    pub(crate) vectors: std::ptr::NonNull<f32>,
+    pub(crate) keys: std::ptr::NonNull<AtomicU64>,
+    pub(crate) keepalive: Keepalive,
 }
 
 /// The upper-layer lists of one node (levels 1..=level).
@@ -583,6 +595,17 @@ impl Graph {
 
     /// The raw degree word and the ids it covers (clamped to the list's room),
     /// for the invariant checker, which must see an out-of-range degree.
+    /// A list in place (its raw degree, unclamped, and its whole room), for
+    /// callers that keep every writer out (`check_invariants` holds the
+    /// writer gate exclusively): no lock is taken and nothing is copied.
+    pub(crate) fn list_quiescent(&self, slot: u32, layer: usize) -> Option<(usize, &[AtomicU32])> {
+        let (degree, ids) = self.list(slot, layer)?;
+        // Relaxed: the caller's exclusive writer gate orders this load after
+        // every write to the list.
+        Some(((degree.load(Ordering::Relaxed) & DEGREE_MASK) as usize, ids))
+    }
+
+    #[cfg(test)]
     pub(crate) fn raw_list(&self, slot: u32, layer: usize) -> Option<(usize, Vec<u32>)> {
         let lock = self.lock(slot)?;
         let (degree, ids) = self.list(slot, layer)?;
@@ -648,6 +671,76 @@ impl Graph {
         }
     }
 
+    /// A graph over the per-slot arrays of a mapped file: level-0 records,
+    /// cell words, anchors, vectors and keys are used in place (chunk 0 of
+    /// each array); upper blocks and the entry point are then restored with
+    /// [`Graph::import_upper`].
+    ///
+    /// # Safety
+    /// Every pointer in `arrays` must satisfy [`Chunked::from_borrowed`]'s
+    /// contract for `arrays.slots` records of its array (`2 + 2m` words for
+    /// `level0`, one word for `cells` and `anchors`, `dim` f32s and one u64
+    /// per slot for the vector arena), kept alive by `arrays.keepalive`.
+    #[cfg(not(loom))]
+    pub(crate) unsafe fn from_borrowed(
+        dim: usize,
+        m: usize,
+        arrays: BorrowedArrays,
+    ) -> Result<Self> {
+        let m0 = 2 * m;
+        let slots = arrays.slots;
+        // Growth after an open: a thirty-second of the file per new chunk,
+        // so the first insert does not allocate a copy of the whole index.
+        let growth = (slots / 32).max(256);
+        let keep = &arrays.keepalive;
+        // SAFETY (all four): forwarded from this function's contract.
+        unsafe {
+            Ok(Self {
+                m,
+                m0,
+                level0: Chunked::from_borrowed(
+                    arrays.level0,
+                    slots,
+                    2 + m0,
+                    growth,
+                    || AtomicU32::new(0),
+                    std::sync::Arc::clone(keep),
+                ),
+                upper_nodes: Chunked::new(
+                    slots / m + 4 * ((slots / m) as f64).sqrt() as usize + 16,
+                    1,
+                    || AtomicPtr::new(std::ptr::null_mut()),
+                )?,
+                upper_count: AtomicU32::new(0),
+                cells: Chunked::from_borrowed(
+                    arrays.cells,
+                    slots,
+                    1,
+                    growth,
+                    || AtomicU32::new(NO_CELL),
+                    std::sync::Arc::clone(keep),
+                ),
+                anchors: Chunked::from_borrowed(
+                    arrays.anchors,
+                    slots,
+                    1,
+                    growth,
+                    || AtomicU32::new(UNANCHORED),
+                    std::sync::Arc::clone(keep),
+                ),
+                entry: AtomicU64::new(NO_ENTRY),
+                vectors: VectorArena::from_borrowed(
+                    dim,
+                    arrays.vectors,
+                    arrays.keys,
+                    slots,
+                    growth,
+                    std::sync::Arc::clone(keep),
+                ),
+            })
+        }
+    }
+
     /// Restores lists, cell words, anchors, upper blocks and the entry point
     /// from validated arrays (see `persist::restore`) into a fresh graph whose
     /// slot capacity is at least `cells.len()`. Cell ids must already name
@@ -674,8 +767,18 @@ impl Graph {
         for (slot, &anchor) in data.anchors.iter().enumerate() {
             self.set_anchor(slot as u32, anchor);
         }
-        self.upper_nodes.reserve(data.upper_blocks.len().max(1))?;
-        for (index, &(level, words)) in data.upper_blocks.iter().enumerate() {
+        self.import_upper(&data.upper_blocks, data.entry)
+    }
+
+    /// Restores the upper-layer blocks (in table order) and the entry point.
+    #[cfg(not(loom))]
+    pub(crate) fn import_upper(
+        &self,
+        upper_blocks: &[(usize, &[u32])],
+        entry: Option<(u32, usize)>,
+    ) -> Result<()> {
+        self.upper_nodes.reserve(upper_blocks.len().max(1))?;
+        for (index, &(level, words)) in upper_blocks.iter().enumerate() {
             let block = Box::into_raw(Box::new(UpperLinks {
                 level,
                 words: words.iter().map(|&w| AtomicU32::new(w)).collect(),
@@ -687,8 +790,8 @@ impl Graph {
             cell[0].store(block, Ordering::Release);
         }
         self.upper_count
-            .store(data.upper_blocks.len() as u32, Ordering::Relaxed);
-        if let Some((slot, level)) = data.entry {
+            .store(upper_blocks.len() as u32, Ordering::Relaxed);
+        if let Some((slot, level)) = entry {
             self.set_entry(slot, level);
         }
         Ok(())

@@ -123,6 +123,10 @@ pub struct Index {
     pub(crate) scratch: ScratchPool,
     /// See [`Stats::exact_scans`].
     pub(crate) exact_scans: AtomicU64,
+    /// A read-only view of the file the index was mapped from, for
+    /// [`Index::verify_checksums`] (declared last: dropped after the graph,
+    /// though the graph's own mapping is kept alive separately).
+    pub(crate) origin: Option<memmap2::Mmap>,
 }
 
 impl std::fmt::Debug for Index {
@@ -145,14 +149,21 @@ impl Index {
     /// ```
     pub fn new(params: IndexParams) -> Result<Self> {
         params.validate()?;
+        let graph = Graph::new(params.dim, params.m, params.capacity)?;
+        Self::from_graph(params, graph, KeyMap::default())
+    }
+
+    /// An index around an existing graph and key map (a new one, or one
+    /// over a mapped file); `params` must already be validated.
+    pub(crate) fn from_graph(params: IndexParams, graph: Graph, keys: KeyMap) -> Result<Self> {
         let distance = match params.isa {
             Some(isa) => Distance::with_isa(params.metric, isa)?,
             None => Distance::new(params.metric),
         };
         Ok(Self {
             distance,
-            graph: Graph::new(params.dim, params.m, params.capacity)?,
-            keys: KeyMap::default(),
+            graph,
+            keys,
             levels: LevelGenerator::new(params.seed, params.m),
             next_slot: AtomicUsize::new(0),
             free_slots: Mutex::new(Vec::new()),
@@ -163,6 +174,7 @@ impl Index {
             writer_gate: RwLock::new(()),
             scratch: ScratchPool::default(),
             exact_scans: AtomicU64::new(0),
+            origin: None,
             params,
         })
     }
@@ -273,7 +285,7 @@ impl Index {
             links: self.graph.link_bytes(),
             fixed: self.graph.slot_state_bytes()
                 + self.graph.vectors.key_bytes()
-                + self.keys.allocated_bytes(),
+                + self.key_map().allocated_bytes(),
             live: self.len(),
         }
     }
@@ -282,7 +294,29 @@ impl Index {
 
     /// The slot of a live key.
     pub(crate) fn slot_of(&self, key: u64) -> Option<u32> {
-        self.keys.get(key, |slot| self.key_at(slot))
+        self.key_map().get(key, |slot| self.key_at(slot))
+    }
+
+    /// The key map, filled first if the index was opened with its filling
+    /// deferred (`open_unchecked`).
+    #[inline]
+    pub(crate) fn key_map(&self) -> &KeyMap {
+        if self.keys.is_pending() {
+            self.keys.fill(|| self.live_keys(), |s| self.key_at(s));
+        }
+        &self.keys
+    }
+
+    /// `(key, slot)` of every live slot.
+    pub(crate) fn live_keys(&self) -> Vec<(u64, u32)> {
+        let slots = self.next_slot.load(Ordering::Acquire) as u32;
+        (0..slots)
+            .filter(|&slot| {
+                let word = self.graph.cell_word(slot);
+                word != NO_CELL && word & TOMBSTONE == 0
+            })
+            .map(|slot| (self.key_at(slot), slot))
+            .collect()
     }
 
     /// The key stored in `slot`'s current cell.

@@ -98,7 +98,7 @@ impl Index {
                     self.graph.init_node(&node, level)?;
                     self.graph.publish_cell(&node, cell);
                 }
-                self.keys.insert(key, slot, |s| self.key_at(s));
+                self.key_map().insert(key, slot, |s| self.key_at(s));
                 self.live.fetch_add(1, Ordering::Relaxed);
                 self.connect(slot, level, false, &guard);
             }
@@ -116,7 +116,7 @@ impl Index {
         if old != NO_CELL {
             self.graph.vectors.retire(old & !TOMBSTONE, guard);
         }
-        self.keys.insert(key, slot, |s| self.key_at(s));
+        self.key_map().insert(key, slot, |s| self.key_at(s));
         self.live.fetch_add(1, Ordering::Relaxed);
     }
 

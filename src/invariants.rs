@@ -17,11 +17,26 @@
 //! | I12 | the entry point is the anchor tree's root; every other node's anchor links it on layer 0 |
 //!
 //! (I10, "in-degree >= 1", is implied by I9 for every node but the entry.)
+//!
+//! I9 is proved through I12 rather than searched for: if every node's
+//! anchor links it and anchors lead from every node to the entry point
+//! without a cycle, every node is reachable. That reads one list per node
+//! instead of every list in BFS order, which matters when the check runs on
+//! a freshly mapped file (`Index::open`). A breadth-first search runs only
+//! when an anchor is broken, to report an unreachable node as such.
 
 use crate::error::InvariantViolation;
 use crate::graph::{NO_CELL, ROOT, TOMBSTONE, UNANCHORED};
 use crate::index::Index;
 use crate::sync::Ordering;
+
+/// Whether [`Index::check_invariants_with`] looks every key up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyLookups {
+    Verify,
+    /// The key map was just filled from the slots (see `persist::load`).
+    TrustFreshMap,
+}
 
 impl Index {
     /// Checks the graph's structural invariants (see the table in the module
@@ -44,19 +59,37 @@ impl Index {
     /// # Ok::<(), nann::Error>(())
     /// ```
     pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
+        self.check_invariants_with(KeyLookups::Verify)
+    }
+
+    /// [`Index::check_invariants`], optionally trusting that every key in
+    /// the key map looks up to its slot: true by construction for a map
+    /// that `persist::load` has just filled from the slots (rejecting
+    /// duplicates), and those n hash lookups would be most of an open's time.
+    /// The set of mapped slots is checked either way.
+    pub(crate) fn check_invariants_with(
+        &self,
+        lookups: KeyLookups,
+    ) -> Result<(), InvariantViolation> {
         let _quiescent = self.writer_gate.write();
         let slots = self.next_slot.load(Ordering::Acquire) as u32;
         let guard = self.pin();
+        let n = slots as usize;
 
-        // I1-I5 and I11, node by node.
-        let mut max_level: Option<usize> = None;
+        // Pass 1, per slot: allocated (a bitset: it stays cache-resident for
+        // the random lookups of pass 2), level, live slots, I11.
+        let mut allocated = vec![0u64; n.div_ceil(64)];
+        let mut levels = vec![0u8; n];
         let mut live_slots = Vec::new();
+        let mut max_level: Option<usize> = None;
         for slot in 0..slots {
             let word = self.graph.cell_word(slot);
             if word == NO_CELL {
                 continue; // never published (e.g. an allocation that failed)
             }
+            allocated[slot as usize / 64] |= 1 << (slot % 64);
             let level = self.graph.level(slot);
+            levels[slot as usize] = level as u8;
             max_level = Some(max_level.map_or(level, |m: usize| m.max(level)));
             if word & TOMBSTONE == 0 {
                 live_slots.push(slot);
@@ -66,8 +99,22 @@ impl Index {
                     return Err(InvariantViolation::NonFiniteVector { slot });
                 }
             }
-            for layer in 0..=level {
-                let Some((degree, ids)) = self.graph.raw_list(slot, layer) else {
+        }
+        let is_allocated = |s: u32| s < slots && allocated[s as usize / 64] & (1 << (s % 64)) != 0;
+
+        // Pass 2, per list: I1-I5. Lists are read in place: the exclusive
+        // writer gate keeps every writer out (and a search never writes), so
+        // no entry lock is taken; taking one would write every lock word,
+        // and on a mapped index that copies every page of the file.
+        // I3 marks each list's ids in a bitset and clears them after: two
+        // cache-resident bit operations per id instead of a sort per list.
+        let mut marks = vec![0u64; n.div_ceil(64)];
+        for slot in 0..slots {
+            if !is_allocated(slot) {
+                continue;
+            }
+            for layer in 0..=levels[slot as usize] as usize {
+                let Some((degree, ids)) = self.graph.list_quiescent(slot, layer) else {
                     continue;
                 };
                 let max = self.graph.max_degree(layer);
@@ -79,17 +126,11 @@ impl Index {
                         max,
                     });
                 }
-                let mut seen = ids.clone();
-                seen.sort_unstable();
-                if let Some(pair) = seen.windows(2).find(|w| w[0] == w[1]) {
-                    return Err(InvariantViolation::DuplicateNeighbour {
-                        slot,
-                        layer,
-                        neighbour: pair[0],
-                    });
-                }
-                for &n in &ids {
-                    if n >= slots || self.graph.cell_word(n) == NO_CELL {
+                let ids = &ids[..degree];
+                for id in ids {
+                    // Relaxed: ordered after every write by the writer gate.
+                    let n = id.load(Ordering::Relaxed);
+                    if !is_allocated(n) {
                         return Err(InvariantViolation::NeighbourOutOfRange {
                             slot,
                             layer,
@@ -100,7 +141,7 @@ impl Index {
                     if n == slot {
                         return Err(InvariantViolation::SelfLoop { slot, layer });
                     }
-                    let n_level = self.graph.level(n);
+                    let n_level = levels[n as usize] as usize;
                     if n_level < layer {
                         return Err(InvariantViolation::AboveLevel {
                             slot: n,
@@ -109,6 +150,20 @@ impl Index {
                             layer,
                         });
                     }
+                    let (word, bit) = (n as usize / 64, 1u64 << (n % 64));
+                    if marks[word] & bit != 0 {
+                        return Err(InvariantViolation::DuplicateNeighbour {
+                            slot,
+                            layer,
+                            neighbour: n,
+                        });
+                    }
+                    marks[word] |= bit;
+                }
+                for id in ids {
+                    // Relaxed: as above (the same values: writers are out).
+                    let n = id.load(Ordering::Relaxed);
+                    marks[n as usize / 64] &= !(1u64 << (n % 64));
                 }
             }
         }
@@ -123,12 +178,12 @@ impl Index {
                 })
             }
             (Some((slot, level)), max) => {
-                if slot >= slots || self.graph.cell_word(slot) == NO_CELL {
+                if !is_allocated(slot) {
                     return Err(InvariantViolation::EntryPoint {
                         reason: format!("entry slot {slot} is not an allocated node"),
                     });
                 }
-                let actual = self.graph.level(slot);
+                let actual = levels[slot as usize] as usize;
                 if actual != level || Some(level) != max {
                     return Err(InvariantViolation::EntryPoint {
                         reason: format!(
@@ -139,31 +194,52 @@ impl Index {
             }
         }
 
-        // I7 / I8.
-        let mut mapped = self.keys.slots();
-        mapped.sort_unstable();
-        if let Some(pair) = mapped.windows(2).find(|w| w[0] == w[1]) {
-            return Err(InvariantViolation::KeyMap {
-                reason: format!("slot {} is mapped by two keys", pair[0]),
-            });
+        // I7 / I8: the mapped slots are exactly the live ones, each once
+        // (bitsets, no sort), and each key looks up to its slot.
+        let mapped = self.key_map().slots();
+        let mut live = vec![0u64; n.div_ceil(64)];
+        for &slot in &live_slots {
+            live[slot as usize / 64] |= 1 << (slot % 64);
         }
-        if mapped != live_slots {
-            let stray = mapped.iter().find(|s| live_slots.binary_search(s).is_err());
-            let missing = live_slots.iter().find(|s| mapped.binary_search(s).is_err());
+        marks.fill(0);
+        for &slot in &mapped {
+            let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
+            if live.get(word).is_none_or(|w| w & bit == 0) {
+                return Err(InvariantViolation::KeyMap {
+                    reason: format!(
+                        "slot {slot} is mapped but not live ({} mapped slots vs {} live slots)",
+                        mapped.len(),
+                        live_slots.len()
+                    ),
+                });
+            }
+            if marks[word] & bit != 0 {
+                return Err(InvariantViolation::KeyMap {
+                    reason: format!("slot {slot} is mapped by two keys"),
+                });
+            }
+            marks[word] |= bit;
+        }
+        if mapped.len() != live_slots.len() {
+            let missing = live_slots
+                .iter()
+                .find(|&&s| marks[s as usize / 64] & (1 << (s % 64)) == 0);
             return Err(InvariantViolation::KeyMap {
                 reason: format!(
-                    "{} mapped slots vs {} live slots (mapped but not live: {stray:?}; live but unmapped: {missing:?})",
+                    "{} mapped slots vs {} live slots (live but unmapped: {missing:?})",
                     mapped.len(),
                     live_slots.len()
                 ),
             });
         }
-        for &slot in &mapped {
-            let key = self.key_at(slot);
-            if self.slot_of(key) != Some(slot) {
-                return Err(InvariantViolation::KeyMap {
-                    reason: format!("key {key} stored at slot {slot} does not look up to it"),
-                });
+        if lookups == KeyLookups::Verify {
+            for &slot in &mapped {
+                let key = self.key_at(slot);
+                if self.slot_of(key) != Some(slot) {
+                    return Err(InvariantViolation::KeyMap {
+                        reason: format!("key {key} stored at slot {slot} does not look up to it"),
+                    });
+                }
             }
         }
         if self.len() != live_slots.len() {
@@ -176,59 +252,129 @@ impl Index {
             });
         }
 
-        // I9: BFS over layer 0 from the entry point, through tombstones.
-        let mut list = Vec::new();
-        if let Some((entry_slot, _)) = entry {
-            let mut reached = vec![false; slots as usize];
-            let mut queue = std::collections::VecDeque::from([entry_slot]);
-            reached[entry_slot as usize] = true;
-            while let Some(s) = queue.pop_front() {
-                self.graph.read_links(s, 0, &mut list);
-                for &n in &list {
-                    if let Some(flag) = reached.get_mut(n as usize) {
-                        if !*flag {
-                            *flag = true;
-                            queue.push_back(n);
-                        }
-                    }
-                }
-            }
-            let unreachable: Vec<u32> = live_slots
-                .iter()
-                .copied()
-                .filter(|&s| !reached[s as usize])
-                .collect();
-            if let Some(&example) = unreachable.first() {
-                return Err(InvariantViolation::Unreachable {
-                    unreachable: unreachable.len(),
-                    example,
-                });
-            }
-        }
-        // I12: the anchor tree.
-        for slot in 0..slots {
-            if self.graph.cell_word(slot) == NO_CELL {
-                continue;
-            }
+        // I12, which proves I9: every allocated node but the entry point has
+        // an anchor whose layer-0 list holds it, and following anchors from
+        // any node ends at the entry point (no cycle), so every node is
+        // reachable from the entry point on layer 0. One read of one parent
+        // list per node, instead of a BFS over every list.
+        let entry_slot = entry.map(|(e, _)| e);
+        let anchor_fault = |slot: u32| -> Option<String> {
             let anchor = self.graph.anchor(slot);
-            let is_entry = entry.is_some_and(|(e, _)| e == slot);
-            let reason = match anchor {
+            let is_entry = entry_slot == Some(slot);
+            match anchor {
                 ROOT if is_entry => None,
                 ROOT => Some("a root that is not the entry point".to_string()),
                 UNANCHORED => Some("no anchor".to_string()),
                 _ if is_entry => Some(format!("the entry point has anchor {anchor}")),
-                parent => {
-                    self.graph.read_links(parent, 0, &mut list);
-                    (!list.contains(&slot))
-                        .then(|| format!("anchor {parent} does not link it on layer 0"))
+                parent if !is_allocated(parent) => {
+                    Some(format!("anchor {parent} is not an allocated node"))
                 }
-            };
-            if let Some(reason) = reason {
-                return Err(InvariantViolation::Anchor { slot, reason });
+                parent => {
+                    let (degree, ids) = self.graph.list_quiescent(parent, 0)?;
+                    // Relaxed: ordered by the writer gate.
+                    (!ids[..degree.min(ids.len())]
+                        .iter()
+                        .any(|id| id.load(Ordering::Relaxed) == slot))
+                    .then(|| format!("anchor {parent} does not link it on layer 0"))
+                }
+            }
+        };
+        // Each anchor edge first, in slot order, with the parent's record
+        // prefetched a few slots ahead: those reads are random, and one at a
+        // time they would wait out a cache miss each.
+        const AHEAD: u32 = 16;
+        let mut broken = None;
+        for slot in 0..slots {
+            if let Some(parent) = (slot + AHEAD < slots).then(|| self.graph.anchor(slot + AHEAD)) {
+                self.graph.prefetch_links(parent);
+            }
+            if !is_allocated(slot) {
+                continue;
+            }
+            if let Some(reason) = anchor_fault(slot) {
+                broken = Some((slot, reason));
+                break;
             }
         }
-
+        // Then the paths, over the anchors alone. State per slot: 0 unseen,
+        // 1 on the current anchor path, 2 reaches the root.
+        let mut state = vec![0u8; n];
+        let mut path = Vec::new();
+        for start in 0..slots {
+            if broken.is_some() {
+                break;
+            }
+            if !is_allocated(start) || state[start as usize] == 2 {
+                continue;
+            }
+            let mut at = start;
+            let fault = loop {
+                // Every anchor was checked above, so `at` is in range; a
+                // miss is reported rather than trusted.
+                match state.get(at as usize) {
+                    None => break Some((at, format!("anchor {at} is out of range"))),
+                    Some(2) => break None,
+                    Some(1) => break Some((at, format!("anchor cycle through slot {at}"))),
+                    _ => {}
+                }
+                state[at as usize] = 1;
+                path.push(at);
+                if entry_slot == Some(at) {
+                    break None;
+                }
+                at = self.graph.anchor(at);
+            };
+            if fault.is_some() {
+                broken = fault;
+                break;
+            }
+            for s in path.drain(..) {
+                state[s as usize] = 2;
+            }
+        }
+        if let Some((slot, reason)) = broken {
+            // Say "unreachable" when that is what the broken anchor means (a
+            // BFS, only on this failure path).
+            if let Some(violation) = self.unreachable_live_slot(&live_slots, slots) {
+                return Err(violation);
+            }
+            return Err(InvariantViolation::Anchor { slot, reason });
+        }
         Ok(())
+    }
+
+    /// I9 by breadth-first search from the entry point on layer 0: the
+    /// diagnosis behind a broken anchor tree.
+    fn unreachable_live_slot(&self, live_slots: &[u32], slots: u32) -> Option<InvariantViolation> {
+        let (entry_slot, _) = self.graph.entry()?;
+        let mut reached = vec![false; slots as usize];
+        let mut queue = std::collections::VecDeque::from([entry_slot]);
+        *reached.get_mut(entry_slot as usize)? = true;
+        while let Some(s) = queue.pop_front() {
+            let Some((degree, ids)) = self.graph.list_quiescent(s, 0) else {
+                continue;
+            };
+            for id in &ids[..degree.min(ids.len())] {
+                // Relaxed: ordered by the caller's writer gate.
+                let n = id.load(Ordering::Relaxed);
+                if let Some(flag) = reached.get_mut(n as usize) {
+                    if !*flag {
+                        *flag = true;
+                        queue.push_back(n);
+                    }
+                }
+            }
+        }
+        let unreachable: Vec<u32> = live_slots
+            .iter()
+            .copied()
+            .filter(|&s| !reached[s as usize])
+            .collect();
+        let example = *unreachable.first()?;
+        Some(InvariantViolation::Unreachable {
+            unreachable: unreachable.len(),
+            example,
+        })
     }
 }
 
@@ -358,6 +504,31 @@ mod tests {
             index.check_invariants(),
             Err(InvariantViolation::Unreachable { .. })
         ));
+    }
+
+    #[test]
+    fn i12_anchor_cycle_is_caught_even_when_every_anchor_links_its_child() {
+        let index = small_index();
+        let (entry, _) = index.graph.entry().unwrap();
+        // Two nodes that link each other on layer 0, neither the entry point:
+        // anchoring each on the other passes the per-node check but cuts
+        // both off the root.
+        let (a, b) = (0..300u32)
+            .filter(|&a| a != entry)
+            .find_map(|a| {
+                let (_, ids) = index.graph.raw_list(a, 0).unwrap();
+                ids.into_iter()
+                    .find(|&b| b != entry && index.graph.raw_list(b, 0).unwrap().1.contains(&a))
+                    .map(|b| (a, b))
+            })
+            .unwrap();
+        index.graph.set_anchor(a, b);
+        index.graph.set_anchor(b, a);
+        let err = index.check_invariants().unwrap_err();
+        assert!(
+            matches!(&err, InvariantViolation::Anchor { reason, .. } if reason.contains("cycle")),
+            "{err:?}"
+        );
     }
 
     #[test]

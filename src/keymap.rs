@@ -12,15 +12,68 @@ use std::hash::{BuildHasher, RandomState};
 
 use hashbrown::HashTable;
 
-use crate::sync::RwLock;
+use crate::sync::{AtomicBool, Ordering, RwLock};
 
 #[derive(Debug, Default)]
 pub(crate) struct KeyMap {
     table: RwLock<HashTable<u32>>,
     hasher: RandomState,
+    /// The map still has to be filled from the index's slots (an index
+    /// opened without validation defers that O(n) work to its first key
+    /// operation; see [`KeyMap::deferred`]).
+    pending: AtomicBool,
 }
 
 impl KeyMap {
+    /// An empty map that must be [`fill`](Self::fill)ed before first use.
+    pub(crate) fn deferred() -> Self {
+        Self {
+            pending: AtomicBool::new(true),
+            ..Self::default()
+        }
+    }
+
+    /// Makes room for `additional` more keys in one allocation.
+    pub(crate) fn reserve(&self, additional: usize, key_of: impl Fn(u32) -> u64) {
+        self.table
+            .write()
+            .reserve(additional, |&s| self.hash(key_of(s)));
+    }
+
+    /// Whether [`fill`](Self::fill) still has to run.
+    #[inline]
+    pub(crate) fn is_pending(&self) -> bool {
+        // Acquire: pairs with the Release in `fill`, so a caller that sees
+        // `false` also sees the filled table (it then takes the table's lock,
+        // which orders its accesses anyway; this flag only skips the call).
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Fills a deferred map from `(key, slot)` pairs, once: concurrent and
+    /// later calls return without reading `entries`. A key seen twice keeps
+    /// its first slot (only an unvalidated file can hold duplicates).
+    pub(crate) fn fill(
+        &self,
+        entries: impl FnOnce() -> Vec<(u64, u32)>,
+        key_of: impl Fn(u32) -> u64,
+    ) {
+        let mut table = self.table.write();
+        // Relaxed: read and written only under the table's write lock.
+        if !self.pending.load(Ordering::Relaxed) {
+            return;
+        }
+        let entries = entries();
+        table.reserve(entries.len(), |&s| self.hash(key_of(s)));
+        for (key, slot) in entries {
+            let hash = self.hash(key);
+            if table.find(hash, |&s| key_of(s) == key).is_none() {
+                table.insert_unique(hash, slot, |&s| self.hash(key_of(s)));
+            }
+        }
+        // Release: see `is_pending`.
+        self.pending.store(false, Ordering::Release);
+    }
+
     fn hash(&self, key: u64) -> u64 {
         self.hasher.hash_one(key)
     }

@@ -10,8 +10,10 @@
 //! ```
 //!
 //! * `W` is set while a writer holds the entry exclusively.
-//! * `readers` counts *pessimistic* shared holders (rare: `get`, invariant
-//!   checks). A writer waits for it to drain; a reader waits while `W` is set.
+//! * `readers` counts *pessimistic* shared holders (callers of the public
+//!   `lock_shared`; the index itself reads optimistically, or under its
+//!   exclusive writer gate). A writer waits for it to drain; a reader waits
+//!   while `W` is set.
 //! * `version` is bumped by every exclusive unlock.
 //!
 //! # Why searches do not take the lock
@@ -247,7 +249,10 @@ impl EntryLock {
         EntryWriteGuard { lock: self }
     }
 
-    /// Locks shared and returns a guard that unlocks on drop.
+    /// Locks shared and returns a guard that unlocks on drop (tests only:
+    /// the index itself reads lists optimistically, or under its exclusive
+    /// writer gate).
+    #[cfg(test)]
     pub(crate) fn read(&self) -> EntryReadGuard<'_> {
         self.lock_shared();
         EntryReadGuard { lock: self }
@@ -277,10 +282,12 @@ impl Drop for EntryWriteGuard<'_> {
 /// Shared hold on an entry; unlocks on drop.
 #[must_use = "the entry is unlocked as soon as the guard is dropped"]
 #[derive(Debug)]
+#[cfg(test)]
 pub(crate) struct EntryReadGuard<'a> {
     lock: &'a EntryLock,
 }
 
+#[cfg(test)]
 impl Drop for EntryReadGuard<'_> {
     fn drop(&mut self) {
         // SAFETY: the guard exists only while `read` holds the lock shared.

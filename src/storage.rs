@@ -70,10 +70,21 @@ struct Geometry {
 
 impl Geometry {
     fn new(initial: usize) -> Self {
+        Self::with_growth(initial, initial)
+    }
+
+    /// Chunk 0 of `initial` records, then chunks doubling from `growth`
+    /// (rounded up to a power of two, at least 64). A borrowed chunk 0 (a
+    /// mapped file) grows from a fraction of its size, so the first insert
+    /// after an open does not allocate a second copy of the whole file.
+    fn with_growth(initial: usize, growth: usize) -> Self {
         let first = initial.clamp(1, 1 << 31);
         Self {
             first,
-            shift: first.max(64).next_power_of_two().trailing_zeros(),
+            shift: growth
+                .clamp(64, 1 << 31)
+                .next_power_of_two()
+                .trailing_zeros(),
         }
     }
 
@@ -110,7 +121,14 @@ pub(crate) struct Chunked<T> {
     /// Makes each element of a new chunk.
     init: fn() -> T,
     grow_lock: Mutex<()>,
+    /// Owner of a borrowed chunk 0 (see [`Chunked::from_borrowed`]); `None`
+    /// when every chunk is owned.
+    borrowed: Option<Keepalive>,
 }
+
+/// Keeps memory that a [`Chunked`] or [`VectorArena`] borrows alive (a
+/// private mapping of an index file); dropped after the arrays stop using it.
+pub(crate) type Keepalive = Arc<dyn std::any::Any + Send + Sync>;
 
 impl<T> std::fmt::Debug for Chunked<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -132,9 +150,44 @@ impl<T> Chunked<T> {
             chunks: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
             init,
             grow_lock: Mutex::new(()),
+            borrowed: None,
         };
         array.reserve(1)?;
         Ok(array)
+    }
+
+    /// An array whose chunk 0 is `records` records that already exist at
+    /// `first` (a mapped file), growing in chunks doubling from `growth`.
+    ///
+    /// # Safety
+    /// `first` must point to `records * stride` initialised, properly aligned
+    /// `T`s that stay valid for reads and writes for as long as `keepalive`
+    /// lives, and nothing else may access that memory while the array exists
+    /// (the array hands out shared references to it, and `T`'s interior
+    /// mutability is the only way it is written). `records >= 1`.
+    #[cfg(not(loom))]
+    pub(crate) unsafe fn from_borrowed(
+        first: std::ptr::NonNull<T>,
+        records: usize,
+        stride: usize,
+        growth: usize,
+        init: fn() -> T,
+        keepalive: Keepalive,
+    ) -> Self {
+        let geometry = Geometry::with_growth(records, growth);
+        let array = Self {
+            geometry,
+            stride: stride.max(1),
+            capacity: AtomicUsize::new(geometry.first),
+            chunks: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
+            init,
+            grow_lock: Mutex::new(()),
+            borrowed: Some(keepalive),
+        };
+        // Relaxed: the array is not shared yet; it reaches other threads only
+        // through a hand-off that synchronises (moving or Arc-sharing it).
+        array.chunks[0].store(first.as_ptr(), Ordering::Relaxed);
+        array
     }
 
     /// Records addressable now.
@@ -212,15 +265,22 @@ impl<T> Chunked<T> {
         Ok(())
     }
 
-    /// Bytes allocated (for memory accounting).
+    /// Bytes allocated on the heap (for memory accounting; a borrowed
+    /// chunk 0 is not counted).
     pub(crate) fn allocated_bytes(&self) -> usize {
-        self.capacity() * self.stride * std::mem::size_of::<T>()
+        let borrowed = if self.borrowed.is_some() {
+            self.geometry.first
+        } else {
+            0
+        };
+        (self.capacity() - borrowed) * self.stride * std::mem::size_of::<T>()
     }
 }
 
 impl<T> Drop for Chunked<T> {
     fn drop(&mut self) {
-        for k in 0..MAX_CHUNKS {
+        let first_owned = usize::from(self.borrowed.is_some());
+        for k in first_owned..MAX_CHUNKS {
             let ptr = self.chunks[k].load(Ordering::Relaxed);
             if !ptr.is_null() {
                 let elements = self.geometry.chunk_len(k) * self.stride;
@@ -257,6 +317,8 @@ pub(crate) struct VectorArena {
     free: Arc<Mutex<Vec<CellId>>>,
     /// Cells retired but maybe still read (for accounting only).
     retired_pending: Arc<AtomicUsize>,
+    /// Owner of a borrowed chunk 0 (see [`VectorArena::from_borrowed`]).
+    _borrowed: Option<Keepalive>,
 }
 
 // SAFETY: the raw chunk pointers are owned by the arena (never aliased by
@@ -289,9 +351,57 @@ impl VectorArena {
             next: AtomicUsize::new(0),
             free: Arc::new(Mutex::new(Vec::new())),
             retired_pending: Arc::new(AtomicUsize::new(0)),
+            _borrowed: None,
         };
         arena.ensure_chunk(0)?;
         Ok(arena)
+    }
+
+    /// An arena whose chunk 0 is `cells` cells that already exist (a mapped
+    /// file): vectors at `vectors` (`cells * dim` f32s) and their keys at
+    /// `keys` (`cells` u64s). All of them count as handed out; new cells come
+    /// from chunks doubling from `growth`.
+    ///
+    /// # Safety
+    /// Both pointers must address initialised, aligned memory of those
+    /// lengths that stays valid for reads and writes while `keepalive` lives
+    /// and that nothing else accesses while the arena exists. Cells are then
+    /// under the arena's protocol (module docs): a cell is written only while
+    /// private (recycled after its grace period). `cells >= 1`.
+    #[cfg(not(loom))]
+    pub(crate) unsafe fn from_borrowed(
+        dim: usize,
+        vectors: std::ptr::NonNull<f32>,
+        keys: std::ptr::NonNull<AtomicU64>,
+        cells: usize,
+        growth: usize,
+        keepalive: Keepalive,
+    ) -> Self {
+        let geometry = Geometry::with_growth(cells, growth);
+        let arena = Self {
+            dim,
+            geometry,
+            chunks: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
+            // SAFETY: forwarded from this function's contract for `keys`.
+            keys: unsafe {
+                Chunked::from_borrowed(
+                    keys,
+                    cells,
+                    1,
+                    growth,
+                    || AtomicU64::new(0),
+                    Arc::clone(&keepalive),
+                )
+            },
+            owned: Mutex::new(Vec::new()),
+            next: AtomicUsize::new(cells),
+            free: Arc::new(Mutex::new(Vec::new())),
+            retired_pending: Arc::new(AtomicUsize::new(0)),
+            _borrowed: Some(keepalive),
+        };
+        // Relaxed: not shared yet (as in `Chunked::from_borrowed`).
+        arena.chunks[0].store(vectors.as_ptr(), Ordering::Relaxed);
+        arena
     }
 
     /// Allocates chunk `k` if it does not exist.

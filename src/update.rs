@@ -83,7 +83,7 @@ impl Index {
         let _op = self.op_lock(key).lock();
         let _gate = self.writer_gate.read();
         let slot = self
-            .keys
+            .key_map()
             .remove(key, |s| self.key_at(s))
             .ok_or(Error::KeyNotFound(key))?;
         if let Some(node) = self.graph.lock_node(slot) {

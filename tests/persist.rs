@@ -99,6 +99,98 @@ fn round_trip_keeps_every_answer_and_stays_writable() {
     }
 }
 
+/// Applies the same heavy writes to `index` (inserts past the saved slot
+/// count, so new chunks grow beside the borrowed ones; updates, which recycle
+/// cells of the borrowed vector chunk; removes) and returns the live keys.
+fn heavy_writes(index: &Index, n: u64, dim: usize) {
+    let mut next = rng(4242);
+    for key in 10_000..10_000 + 2 * n {
+        index.insert(key, &random_vector(&mut next, dim)).unwrap();
+    }
+    for round in 0..3 {
+        for key in (round..n).step_by(3) {
+            if index.contains(key) {
+                index.update(key, &random_vector(&mut next, dim)).unwrap();
+            }
+        }
+    }
+    for key in (0..n).step_by(4) {
+        if index.contains(key) {
+            index.remove(key).unwrap();
+        }
+    }
+    for key in (10_000..10_000 + 2 * n).step_by(5) {
+        index.remove(key).unwrap();
+    }
+}
+
+#[test]
+fn every_open_mode_serves_from_the_file_and_takes_heavy_writes() {
+    let (n, dim) = (1500u64, 10usize);
+    let original = churned_index(n, dim, 6, Metric::L2);
+    let path = temp_path("heavy-writes.nann");
+    original.save(&path).unwrap();
+    let file_before = std::fs::read(&path).unwrap();
+
+    let mapped = Index::open(&path).unwrap();
+    // SAFETY: the file was just written by `save` and nothing modifies it.
+    let unchecked = unsafe { Index::open_unchecked(&path) }.unwrap();
+    let copied = Index::open_untrusted(&path).unwrap();
+    for index in [&original, &mapped, &unchecked, &copied] {
+        heavy_writes(index, n, dim);
+        index.check_invariants().unwrap();
+    }
+    // ef >= len makes every search exact, so all four must agree exactly.
+    let exact = original.len() + 1;
+    let mut next = rng(7);
+    for _ in 0..50 {
+        let q = random_vector(&mut next, dim);
+        let want = original.search(&q, 10, exact).unwrap();
+        for index in [&mapped, &unchecked, &copied] {
+            assert_eq!(index.search(&q, 10, exact).unwrap(), want);
+        }
+    }
+    for index in [&mapped, &unchecked, &copied] {
+        assert_eq!(index.len(), original.len());
+        for key in [1u64, 2, 4, 10_000, 10_001, 10_005, 10_000 + 2 * n - 1] {
+            assert_eq!(index.get(key).ok(), original.get(key).ok(), "key {key}");
+        }
+    }
+    // Writes went to private pages: the file is byte for byte what was saved,
+    // and its checksums still hold.
+    assert_eq!(std::fs::read(&path).unwrap(), file_before);
+    mapped.verify_checksums().unwrap();
+    unchecked.verify_checksums().unwrap();
+    drop((mapped, unchecked));
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn verify_checksums_finds_a_flipped_vector_bit_that_open_accepts() {
+    let index = churned_index(400, 8, 4, Metric::L2);
+    let path = temp_path("flipped-vector.nann");
+    index.save(&path).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    // A low mantissa bit of a vector component: structurally valid, so only
+    // the checksum can tell.
+    let vectors = section_range(&bytes, 4);
+    bytes[vectors.start + 64] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let opened = Index::open(&path).expect("a vector bit flip is structurally valid");
+    assert!(matches!(
+        opened.verify_checksums(),
+        Err(Error::Format(nann::FormatError::SectionChecksum {
+            section: "vectors"
+        }))
+    ));
+    assert!(matches!(
+        Index::open_untrusted(&path),
+        Err(Error::Format(nann::FormatError::SectionChecksum { .. }))
+    ));
+    drop(opened);
+    std::fs::remove_file(&path).unwrap();
+}
+
 #[test]
 fn empty_and_single_entry_indexes_round_trip() {
     let empty = Index::new(IndexParams::new(3, Metric::L2)).unwrap();
