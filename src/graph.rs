@@ -55,7 +55,9 @@ use crossbeam_epoch::Guard;
 
 use crate::error::{Error, Result};
 use crate::lock::{EntryLock, EntryWriteGuard, ReadVersion};
-use crate::storage::{CellId, CellReader, Chunked, Keepalive, VectorArena};
+#[cfg(not(loom))]
+use crate::storage::Keepalive;
+use crate::storage::{CellId, CellReader, Chunked, VectorArena};
 use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// Bit 31 of a cell word: the entry was removed (kept for navigation).

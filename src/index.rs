@@ -126,6 +126,7 @@ pub struct Index {
     /// A read-only view of the file the index was mapped from, for
     /// [`Index::verify_checksums`] (declared last: dropped after the graph,
     /// though the graph's own mapping is kept alive separately).
+    #[cfg_attr(loom, allow(dead_code))]
     pub(crate) origin: Option<memmap2::Mmap>,
 }
 

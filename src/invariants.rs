@@ -32,6 +32,7 @@ use crate::sync::Ordering;
 
 /// Whether [`Index::check_invariants_with`] looks every key up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(loom, allow(dead_code))]
 pub(crate) enum KeyLookups {
     Verify,
     /// The key map was just filled from the slots (see `persist::load`).

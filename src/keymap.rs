@@ -26,6 +26,7 @@ pub(crate) struct KeyMap {
 
 impl KeyMap {
     /// An empty map that must be [`fill`](Self::fill)ed before first use.
+    #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn deferred() -> Self {
         Self {
             pending: AtomicBool::new(true),
@@ -34,6 +35,7 @@ impl KeyMap {
     }
 
     /// Makes room for `additional` more keys in one allocation.
+    #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn reserve(&self, additional: usize, key_of: impl Fn(u32) -> u64) {
         self.table
             .write()
