@@ -591,21 +591,25 @@ fn load(mut backing: Backing, check: Check, origin: Option<memmap2::Mmap>) -> Re
     index.next_slot.store(slots, Ordering::Relaxed);
     index.live.store(live, Ordering::Relaxed);
     index.levels.set_position(header.level_counter);
+    let mut index = index;
     if check != Check::Nothing {
-        // Fill the key map now, rejecting a key that is live in two slots.
-        let map = KeyMap::default();
-        let live_keys = index.live_keys();
-        map.reserve(live_keys.len(), |s| index.key_at(s));
-        for (key, slot) in live_keys {
-            if !map.insert(key, slot, |s| index.key_at(s)) {
-                return Err(corrupt(format!("key {key} is live in two slots")));
-            }
-        }
-        let mut index = index;
-        index.keys = map;
-        return finish(index, check, origin);
+        index.keys = key_map_rejecting_duplicates(&index)?;
     }
     finish(index, check, origin)
+}
+
+/// The key map of a freshly loaded index, filled from its live slots; a key
+/// live in two slots makes the file corrupt.
+fn key_map_rejecting_duplicates(index: &Index) -> Result<KeyMap> {
+    let map = KeyMap::default();
+    let live_keys = index.live_keys();
+    map.reserve(live_keys.len(), |s| index.key_at(s));
+    for (key, slot) in live_keys {
+        if !map.insert(key, slot, |s| index.key_at(s)) {
+            return Err(corrupt(format!("key {key} is live in two slots")));
+        }
+    }
+    Ok(map)
 }
 
 /// Runs the invariant checker (unless unchecked) and records the file's
@@ -1052,7 +1056,7 @@ fn restore_by_copy(header: &Header, layout: &Layout<'_>, sections: &Sections<'_>
     let (cells, keys) = (&sections.cells[..], &sections.keys[..]);
     // Vectors go through the arena's allocator in slot order, so cell i is
     // slot i's.
-    let index = Index::new(params.capacity(slots.max(1)))?;
+    let mut index = Index::new(params.capacity(slots.max(1)))?;
     for (slot, (v, &key)) in sections.vectors.chunks_exact(dim).zip(keys).enumerate() {
         let cell = index.graph.vectors.allocate(key, v)?;
         if cell as usize != slot {
@@ -1067,22 +1071,16 @@ fn restore_by_copy(header: &Header, layout: &Layout<'_>, sections: &Sections<'_>
         upper_blocks: layout.upper_blocks.clone(),
         entry: layout.entry,
     })?;
-    {
-        let mut free = index.free_slots.lock();
-        for (slot, &word) in cells.iter().enumerate() {
-            if word == NO_CELL || word & TOMBSTONE != 0 {
-                free.push(slot as u32);
-            } else if !index
-                .keys
-                .insert(keys[slot], slot as u32, |s| index.key_at(s))
-            {
-                return Err(corrupt(format!("key {} is live in two slots", keys[slot])));
-            }
-        }
-    }
+    *index.free_slots.lock() = cells
+        .iter()
+        .enumerate()
+        .filter(|&(_, &word)| word == NO_CELL || word & TOMBSTONE != 0)
+        .map(|(slot, _)| slot as u32)
+        .collect();
     // Relaxed: the index is not shared yet.
     index.next_slot.store(slots, Ordering::Relaxed);
     index.live.store(layout.live, Ordering::Relaxed);
+    index.keys = key_map_rejecting_duplicates(&index)?;
     index.levels.set_position(header.level_counter);
     Ok(index)
 }
