@@ -389,15 +389,6 @@ impl Graph {
         out.extend(ids[..n].iter().map(|id| id.load(Ordering::Relaxed)));
     }
 
-    /// Hints the CPU to fetch the vector of `slot`.
-    #[inline]
-    pub(crate) fn prefetch_vector(&self, slot: u32) {
-        let word = self.cell_word(slot);
-        if word != NO_CELL {
-            self.vectors.prefetch(word & !TOMBSTONE);
-        }
-    }
-
     /// Hints the CPU to fetch `slot`'s level-0 record (lock, degree, ids).
     #[inline]
     pub(crate) fn prefetch_links(&self, slot: u32) {

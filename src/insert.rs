@@ -310,7 +310,7 @@ impl Index {
         let Some(start) = self.score(query, entry_slot, guard) else {
             return plan;
         };
-        let start = self.greedy_descent(query, start, max_level, top, &mut scratch.links, guard);
+        let start = self.greedy_descent(query, start, max_level, top, scratch, guard);
         let mut entries = vec![start];
         for layer in (0..=top).rev() {
             self.search_layer(

@@ -71,40 +71,67 @@ impl Index {
         current: Scored,
         from: usize,
         to: usize,
-        links: &mut Vec<u32>,
+        scratch: &mut Scratch,
         guard: &Guard,
     ) -> Scored {
+        scratch
+            .visited
+            .reset(self.next_slot.load(Ordering::Acquire));
         self.distance.dispatch(GreedyDescent {
             index: self,
             query,
             current,
             layers: (to + 1, from),
-            links,
+            scratch,
             guard,
         })
     }
 
-    /// [`Index::greedy_descent`]'s loop, with the distance inlined.
-    #[allow(clippy::too_many_arguments)]
+    /// [`Index::greedy_descent`]'s loop, with the distance inlined. Like the
+    /// beam loop it reads each list optimistically, collecting the cell
+    /// words and prefetching the vectors before scoring them.
+    ///
+    /// Nodes scored once are skipped afterwards, on every layer: a scored
+    /// node either became `current` or lost to it, and `current` only gets
+    /// nearer, so scoring it again could never move the descent. Skipping
+    /// leaves the result exactly as without the visited set, and saves the
+    /// many repeats between neighbouring lists (hnswlib rescores them).
     #[inline(always)]
     fn greedy_descent_with(
         &self,
         query: &[f32],
         mut current: Scored,
         (lowest, highest): (usize, usize),
-        links: &mut Vec<u32>,
+        scratch: &mut Scratch,
         guard: &Guard,
         distance: impl Fn(&[f32], &[f32]) -> f32,
     ) -> Scored {
+        let Scratch { visited, fresh, .. } = scratch;
+        let view = self.graph.search_view(guard);
+        visited.insert(current.slot);
         for layer in (lowest..=highest).rev() {
-            loop {
-                let mut improved = false;
-                self.graph.read_links(current.slot, layer, links);
-                for &n in links.iter() {
-                    self.graph.prefetch_vector(n);
+            while let Some(list) = self.graph.links_view(current.slot, layer) {
+                loop {
+                    let version = list.begin();
+                    fresh.clear();
+                    for i in 0..list.len() {
+                        let n = list.id(i);
+                        if visited.insert(n) {
+                            let word = view.cell_word(n);
+                            view.prefetch(word);
+                            fresh.push((n, word));
+                        }
+                    }
+                    if list.validate(version) {
+                        break;
+                    }
+                    for &(n, _) in fresh.iter() {
+                        visited.unmark(n);
+                    }
                 }
-                for &n in links.iter() {
-                    let Some(v) = self.graph.vector(n, guard) else {
+                let mut improved = false;
+                for &(n, word) in fresh.iter() {
+                    let Some(v) = view.vector_of_word(word) else {
                         continue;
                     };
                     let dist = distance(query, v.vector);
@@ -259,7 +286,7 @@ impl Index {
         let (entry, max_level) = self.graph.entry()?;
         let start = self.score(query, entry, guard)?;
         Some([
-            self.greedy_descent(query, start, max_level, 0, &mut scratch.links, guard),
+            self.greedy_descent(query, start, max_level, 0, scratch, guard),
             start,
         ])
     }
@@ -568,7 +595,7 @@ struct GreedyDescent<'a, 'g> {
     current: Scored,
     /// (lowest, highest) layer to descend through.
     layers: (usize, usize),
-    links: &'a mut Vec<u32>,
+    scratch: &'a mut Scratch,
     guard: &'g Guard,
 }
 
@@ -580,7 +607,7 @@ impl DistanceVisitor for GreedyDescent<'_, '_> {
             self.query,
             self.current,
             self.layers,
-            self.links,
+            self.scratch,
             self.guard,
             distance,
         )
