@@ -31,8 +31,11 @@ What it does, per data set:
      orders).
   5. Prints, per set: recall and QPS at every ef for both, the QPS ratio at the
      best operating point reaching R@10 >= 0.95 and >= 0.99 (the highest QPS
-     among efs whose recall reaches the threshold), the largest recall deficit
-     at equal ef, and the build-time ratio.
+     among efs whose recall reaches the threshold), the same ratio with each
+     library's QPS interpolated at exactly that recall (between the two efs
+     that bracket it: the step figure moves by a whole grid step when a mean
+     recall lands 0.001 under the threshold), the largest recall deficit at
+     equal ef, and the build-time ratio.
 
 The two libraries run one after the other, never at the same time, so they do
 not compete for the machine's cores.
@@ -49,7 +52,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data", "siftsmall")
 DATA = os.path.join(ROOT, "bench-data")
-EFS = [10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64, 80, 96, 128, 192, 256]
+EFS = [10, 11, 12, 13, 14, 15, 16, 20, 24, 28, 32, 40, 48, 64, 80, 96, 128, 192, 256]
 K = 10
 
 
@@ -205,6 +208,23 @@ def best_qps(rows, threshold):
     return max(ok) if ok else None
 
 
+def interpolated_qps(rows, threshold):
+    """QPS on the recall/QPS curve at exactly `threshold`: linear between the
+    two measured efs that bracket it (rows in ef order). `best_qps` is a step
+    function of the ef grid: a library whose mean recall lands 0.001 under the
+    threshold at one ef is charged the next ef's QPS, so its ratio jumps by a
+    grid step on noise. None if no ef reaches the threshold; the first row's
+    QPS if even the smallest ef does (no point below to interpolate from)."""
+    for i, r in enumerate(rows):
+        if r["recall"] >= threshold:
+            if i == 0:
+                return r["qps"]
+            lo = rows[i - 1]
+            t = (threshold - lo["recall"]) / (r["recall"] - lo["recall"])
+            return lo["qps"] + t * (r["qps"] - lo["qps"])
+    return None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", default="siftsmall,clustered,ip")
@@ -255,6 +275,13 @@ def main():
             entry[f"hnswlib_qps_at_{threshold}"] = h
             print(f"QPS at R@10 >= {threshold}: nann {n and round(n)}, hnswlib {h and round(h)}, "
                   f"ratio {ratio and round(ratio, 2)}x")
+            hi, ni = interpolated_qps(h_rows, threshold), interpolated_qps(n_rows, threshold)
+            ratio_i = (ni / hi) if (hi and ni) else None
+            entry[f"qps_ratio_interpolated_at_{threshold}"] = ratio_i
+            entry[f"nann_qps_interpolated_at_{threshold}"] = ni
+            entry[f"hnswlib_qps_interpolated_at_{threshold}"] = hi
+            print(f"QPS at R@10 = {threshold} (interpolated): nann {ni and round(ni)}, "
+                  f"hnswlib {hi and round(hi)}, ratio {ratio_i and round(ratio_i, 2)}x")
         print(f"build ({args.threads} threads): nann {n_build:.2f} s, hnswlib {h_build:.2f} s, "
               f"ratio {n_build / h_build:.2f}x")
         print(f"largest recall deficit vs hnswlib at equal ef: {deficit:+.4f}")

@@ -175,7 +175,7 @@ impl Beam {
 
     /// The next node to expand, marked expanded; `None` when the search is
     /// done.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn pop_nearest(&mut self) -> Option<Scored> {
         self.settle();
         let from_pool = self.next_in_pool();
@@ -199,7 +199,7 @@ impl Beam {
 
     /// The node [`Beam::pop_nearest`] would most likely return next (for a
     /// prefetch hint; exactness does not matter).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn peek_nearest(&mut self) -> Option<Scored> {
         self.settle();
         let from_pool = self.next_in_pool();

@@ -399,7 +399,7 @@ impl Graph {
 
     /// Direct, optimistic access to one list, for loops that consume the ids
     /// as they read them instead of copying them first (the search loop).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn links_view(&self, slot: u32, layer: usize) -> Option<LinksView<'_>> {
         let lock = self.lock(slot)?;
         let (degree, ids) = self.list(slot, layer)?;

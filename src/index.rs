@@ -329,24 +329,53 @@ impl Index {
         self.graph.vectors.key(word & !TOMBSTONE)
     }
 
-    /// Checks a caller's vector and returns it ready to store or search
-    /// (normalised for the cosine metric).
-    pub(crate) fn prepare_into(&self, vector: &[f32], out: &mut Vec<f32>) -> Result<()> {
+    /// Checks a caller's vector: the dimension, and every value finite.
+    fn check_vector(&self, vector: &[f32]) -> Result<()> {
         if vector.len() != self.params.dim {
             return Err(Error::DimensionMismatch {
                 expected: self.params.dim,
                 actual: vector.len(),
             });
         }
-        if let Some((position, &value)) = vector.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-            return Err(Error::NonFiniteValue { position, value });
+        // A fold without early exit vectorises; the position is looked up
+        // only on the error path.
+        if !vector.iter().fold(true, |ok, x| ok & x.is_finite()) {
+            if let Some((position, &value)) =
+                vector.iter().enumerate().find(|(_, x)| !x.is_finite())
+            {
+                return Err(Error::NonFiniteValue { position, value });
+            }
         }
+        Ok(())
+    }
+
+    /// Checks a caller's vector and returns it ready to store or search
+    /// (normalised for the cosine metric).
+    pub(crate) fn prepare_into(&self, vector: &[f32], out: &mut Vec<f32>) -> Result<()> {
+        self.check_vector(vector)?;
         out.clear();
         out.extend_from_slice(vector);
         if self.params.metric == Metric::Cosine {
             normalize(out)?;
         }
         Ok(())
+    }
+
+    /// As [`Index::prepare_into`], without the copy when the metric leaves
+    /// the vector as it is (L2, inner product): a query is then searched
+    /// straight from the caller's slice.
+    pub(crate) fn prepare_query<'a>(
+        &self,
+        vector: &'a [f32],
+        buffer: &'a mut Vec<f32>,
+    ) -> Result<&'a [f32]> {
+        if self.params.metric == Metric::Cosine {
+            self.prepare_into(vector, buffer)?;
+            Ok(buffer)
+        } else {
+            self.check_vector(vector)?;
+            Ok(vector)
+        }
     }
 
     pub(crate) fn prepare(&self, vector: &[f32]) -> Result<Vec<f32>> {

@@ -327,17 +327,17 @@ impl Index {
     /// ```
     pub fn search(&self, query: &[f32], k: usize, ef: usize) -> Result<Vec<Hit>> {
         let mut scratch = self.take_scratch();
-        let mut prepared = std::mem::take(&mut scratch.query);
-        let outcome = self.prepare_into(query, &mut prepared).map(|()| {
+        let mut buffer = std::mem::take(&mut scratch.query);
+        let outcome = self.prepare_query(query, &mut buffer).map(|prepared| {
             if k == 0 {
                 return Vec::new();
             }
             let guard = self.pin();
-            let Some(seeds) = self.layer0_seeds(&prepared, &mut scratch, &guard) else {
+            let Some(seeds) = self.layer0_seeds(prepared, &mut scratch, &guard) else {
                 return Vec::new();
             };
             self.search_layer(
-                &prepared,
+                prepared,
                 &seeds,
                 0,
                 ef.max(k),
@@ -348,11 +348,11 @@ impl Index {
             );
             let hits = self.take_hits(&mut scratch, k);
             if hits.len() < k && hits.len() < self.len() {
-                return self.exact_scan(&prepared, k, &|_| true, &guard);
+                return self.exact_scan(prepared, k, &|_| true, &guard);
             }
             hits
         });
-        scratch.query = prepared;
+        scratch.query = buffer;
         outcome
     }
 
