@@ -39,13 +39,79 @@ pub(crate) enum KeyLookups {
     TrustFreshMap,
 }
 
+/// Pass 1's findings over one slot range.
+struct Pass1 {
+    /// Bit `i` for slot `range.start + i`.
+    allocated: Vec<u64>,
+    levels: Vec<u8>,
+    live_slots: Vec<u32>,
+    max_level: Option<usize>,
+}
+
+/// Slots below which the check runs on the caller's thread alone: starting
+/// threads costs more than a small index's whole check. Unit tests lower
+/// it so their 300-node indexes take the parallel path.
+#[cfg(all(not(test), not(loom)))]
+const PARALLEL_FROM: usize = 1 << 17;
+#[cfg(all(test, not(loom)))]
+const PARALLEL_FROM: usize = 128;
+
+/// Runs `f` over `0..n` split into contiguous ranges (bounds multiples of
+/// 64), one per core, on scoped threads joined before returning; results
+/// in range order. The check is a read-only pass over the whole index, and
+/// on a freshly opened file it is most of `Index::open`'s time, so it uses
+/// every core. A thread that cannot be started runs its range inline.
+fn split_slots<R: Send>(n: usize, f: impl Fn(std::ops::Range<usize>) -> R + Sync) -> Vec<R> {
+    #[cfg(loom)]
+    let workers = 1;
+    #[cfg(not(loom))]
+    let workers = if n < PARALLEL_FROM {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |p| p.get().min(16))
+    };
+    if workers <= 1 {
+        return vec![f(0..n)];
+    }
+    let per = n.div_ceil(workers).next_multiple_of(64);
+    let ranges: Vec<std::ops::Range<usize>> = (0..n)
+        .step_by(per)
+        .map(|start| start..(start + per).min(n))
+        .collect();
+    let f = &f;
+    std::thread::scope(|scope| {
+        let spawned: Vec<_> = ranges[1..]
+            .iter()
+            .map(|range| {
+                let inner = range.clone();
+                std::thread::Builder::new()
+                    .spawn_scoped(scope, move || f(inner))
+                    .map_err(|_| range.clone())
+            })
+            .collect();
+        let mut results = vec![f(ranges[0].clone())];
+        for handle in spawned {
+            results.push(match handle {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(range) => f(range),
+            });
+        }
+        results
+    })
+}
+
 impl Index {
     /// Checks the graph's structural invariants (see the table in the module
     /// docs), returning the first violation found.
     ///
     /// It waits for in-flight writes to finish and blocks new ones while it
     /// runs (searches continue), so it sees a quiescent graph even when
-    /// called under concurrent writes. Cost: O(n * M) plus a BFS.
+    /// called under concurrent writes. Cost: O(n * M), spread over every
+    /// core for indexes of 2^17 slots or more (scoped threads, joined
+    /// before it returns); a breadth-first search only to diagnose a broken
+    /// anchor.
     ///
     /// ```
     /// use nann::{Index, IndexParams, Metric};
@@ -74,32 +140,52 @@ impl Index {
     ) -> Result<(), InvariantViolation> {
         let _quiescent = self.writer_gate.write();
         let slots = self.next_slot.load(Ordering::Acquire) as u32;
-        let guard = self.pin();
         let n = slots as usize;
 
         // Pass 1, per slot: allocated (a bitset: it stays cache-resident for
-        // the random lookups of pass 2), level, live slots, I11.
-        let mut allocated = vec![0u64; n.div_ceil(64)];
-        let mut levels = vec![0u8; n];
-        let mut live_slots = Vec::new();
-        let mut max_level: Option<usize> = None;
-        for slot in 0..slots {
-            let word = self.graph.cell_word(slot);
-            if word == NO_CELL {
-                continue; // never published (e.g. an allocation that failed)
-            }
-            allocated[slot as usize / 64] |= 1 << (slot % 64);
-            let level = self.graph.level(slot);
-            levels[slot as usize] = level as u8;
-            max_level = Some(max_level.map_or(level, |m: usize| m.max(level)));
-            if word & TOMBSTONE == 0 {
-                live_slots.push(slot);
-            }
-            if let Some(v) = self.graph.vector(slot, &guard) {
-                if v.vector.iter().any(|x| !x.is_finite()) {
-                    return Err(InvariantViolation::NonFiniteVector { slot });
+        // the random lookups of pass 2), level, live slots, I11. Each worker
+        // fills its own piece (ranges are multiples of 64 slots, so pieces
+        // are whole bitset words); the pieces are joined in slot order.
+        let pieces = split_slots(n, |range| {
+            let guard = self.pin();
+            let mut piece = Pass1 {
+                allocated: vec![0u64; range.len().div_ceil(64)],
+                levels: vec![0u8; range.len()],
+                live_slots: Vec::new(),
+                max_level: None,
+            };
+            for slot in range.start as u32..range.end as u32 {
+                let word = self.graph.cell_word(slot);
+                if word == NO_CELL {
+                    continue; // never published (e.g. an allocation that failed)
+                }
+                let i = slot as usize - range.start;
+                piece.allocated[i / 64] |= 1 << (i % 64);
+                let level = self.graph.level(slot);
+                piece.levels[i] = level as u8;
+                piece.max_level = Some(piece.max_level.map_or(level, |m: usize| m.max(level)));
+                if word & TOMBSTONE == 0 {
+                    piece.live_slots.push(slot);
+                }
+                if let Some(v) = self.graph.vector(slot, &guard) {
+                    // A fold without early exit vectorises.
+                    if !v.vector.iter().fold(true, |ok, x| ok & x.is_finite()) {
+                        return Err(InvariantViolation::NonFiniteVector { slot });
+                    }
                 }
             }
+            Ok(piece)
+        });
+        let mut allocated = Vec::with_capacity(n.div_ceil(64));
+        let mut levels = Vec::with_capacity(n);
+        let mut live_slots = Vec::new();
+        let mut max_level: Option<usize> = None;
+        for piece in pieces {
+            let piece = piece?;
+            allocated.extend_from_slice(&piece.allocated);
+            levels.extend_from_slice(&piece.levels);
+            live_slots.extend_from_slice(&piece.live_slots);
+            max_level = max_level.max(piece.max_level);
         }
         let is_allocated = |s: u32| s < slots && allocated[s as usize / 64] & (1 << (s % 64)) != 0;
 
@@ -109,64 +195,70 @@ impl Index {
         // and on a mapped index that copies every page of the file.
         // I3 marks each list's ids in a bitset and clears them after: two
         // cache-resident bit operations per id instead of a sort per list.
-        let mut marks = vec![0u64; n.div_ceil(64)];
-        for slot in 0..slots {
-            if !is_allocated(slot) {
-                continue;
-            }
-            for layer in 0..=levels[slot as usize] as usize {
-                let Some((degree, ids)) = self.graph.list_quiescent(slot, layer) else {
+        // Workers take disjoint slot ranges, each with its own marks.
+        for outcome in split_slots(n, |range| {
+            let mut marks = vec![0u64; n.div_ceil(64)];
+            for slot in range.start as u32..range.end as u32 {
+                if !is_allocated(slot) {
                     continue;
-                };
-                let max = self.graph.max_degree(layer);
-                if degree > max {
-                    return Err(InvariantViolation::DegreeTooHigh {
-                        slot,
-                        layer,
-                        degree,
-                        max,
-                    });
                 }
-                let ids = &ids[..degree];
-                for id in ids {
-                    // Relaxed: ordered after every write by the writer gate.
-                    let n = id.load(Ordering::Relaxed);
-                    if !is_allocated(n) {
-                        return Err(InvariantViolation::NeighbourOutOfRange {
+                for layer in 0..=levels[slot as usize] as usize {
+                    let Some((degree, ids)) = self.graph.list_quiescent(slot, layer) else {
+                        continue;
+                    };
+                    let max = self.graph.max_degree(layer);
+                    if degree > max {
+                        return Err(InvariantViolation::DegreeTooHigh {
                             slot,
                             layer,
-                            neighbour: n,
-                            slots,
+                            degree,
+                            max,
                         });
                     }
-                    if n == slot {
-                        return Err(InvariantViolation::SelfLoop { slot, layer });
+                    let ids = &ids[..degree];
+                    for id in ids {
+                        // Relaxed: ordered after every write by the writer gate.
+                        let n = id.load(Ordering::Relaxed);
+                        if !is_allocated(n) {
+                            return Err(InvariantViolation::NeighbourOutOfRange {
+                                slot,
+                                layer,
+                                neighbour: n,
+                                slots,
+                            });
+                        }
+                        if n == slot {
+                            return Err(InvariantViolation::SelfLoop { slot, layer });
+                        }
+                        let n_level = levels[n as usize] as usize;
+                        if n_level < layer {
+                            return Err(InvariantViolation::AboveLevel {
+                                slot: n,
+                                level: n_level,
+                                from: slot,
+                                layer,
+                            });
+                        }
+                        let (word, bit) = (n as usize / 64, 1u64 << (n % 64));
+                        if marks[word] & bit != 0 {
+                            return Err(InvariantViolation::DuplicateNeighbour {
+                                slot,
+                                layer,
+                                neighbour: n,
+                            });
+                        }
+                        marks[word] |= bit;
                     }
-                    let n_level = levels[n as usize] as usize;
-                    if n_level < layer {
-                        return Err(InvariantViolation::AboveLevel {
-                            slot: n,
-                            level: n_level,
-                            from: slot,
-                            layer,
-                        });
+                    for id in ids {
+                        // Relaxed: as above (the same values: writers are out).
+                        let n = id.load(Ordering::Relaxed);
+                        marks[n as usize / 64] &= !(1u64 << (n % 64));
                     }
-                    let (word, bit) = (n as usize / 64, 1u64 << (n % 64));
-                    if marks[word] & bit != 0 {
-                        return Err(InvariantViolation::DuplicateNeighbour {
-                            slot,
-                            layer,
-                            neighbour: n,
-                        });
-                    }
-                    marks[word] |= bit;
-                }
-                for id in ids {
-                    // Relaxed: as above (the same values: writers are out).
-                    let n = id.load(Ordering::Relaxed);
-                    marks[n as usize / 64] &= !(1u64 << (n % 64));
                 }
             }
+            Ok(())
+        }) {
+            outcome?;
         }
 
         // I6.
@@ -202,7 +294,7 @@ impl Index {
         for &slot in &live_slots {
             live[slot as usize / 64] |= 1 << (slot % 64);
         }
-        marks.fill(0);
+        let mut marks = vec![0u64; n.div_ceil(64)];
         for &slot in &mapped {
             let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
             if live.get(word).is_none_or(|w| w & bit == 0) {
@@ -280,23 +372,30 @@ impl Index {
                 }
             }
         };
-        // Each anchor edge first, in slot order, with the parent's record
-        // prefetched a few slots ahead: those reads are random, and one at a
-        // time they would wait out a cache miss each.
+        // Each anchor edge first, with the parent's record prefetched a few
+        // slots ahead: those reads are random, and one at a time they would
+        // wait out a cache miss each. Workers take disjoint slot ranges; the
+        // first fault in slot order is kept.
         const AHEAD: u32 = 16;
-        let mut broken = None;
-        for slot in 0..slots {
-            if let Some(parent) = (slot + AHEAD < slots).then(|| self.graph.anchor(slot + AHEAD)) {
-                self.graph.prefetch_links(parent);
+        let mut broken = split_slots(n, |range| {
+            let (start, end) = (range.start as u32, range.end as u32);
+            for slot in start..end {
+                if let Some(parent) = (slot + AHEAD < end).then(|| self.graph.anchor(slot + AHEAD))
+                {
+                    self.graph.prefetch_links(parent);
+                }
+                if !is_allocated(slot) {
+                    continue;
+                }
+                if let Some(reason) = anchor_fault(slot) {
+                    return Some((slot, reason));
+                }
             }
-            if !is_allocated(slot) {
-                continue;
-            }
-            if let Some(reason) = anchor_fault(slot) {
-                broken = Some((slot, reason));
-                break;
-            }
-        }
+            None
+        })
+        .into_iter()
+        .flatten()
+        .next();
         // Then the paths, over the anchors alone. State per slot: 0 unseen,
         // 1 on the current anchor path, 2 reaches the root.
         let mut state = vec![0u8; n];
@@ -564,6 +663,59 @@ mod tests {
         assert!(matches!(
             index.check_invariants(),
             Err(InvariantViolation::NonFiniteVector { .. })
+        ));
+    }
+
+    /// With the check split over workers (unit tests lower the threshold
+    /// to 128 slots; ranges are 64-slot multiples), a fault in any range is
+    /// found, and the one reported is the first in slot order.
+    #[test]
+    fn faults_in_every_worker_range_are_found_first_in_slot_order() {
+        for slot in [5u32, 150, 290] {
+            let index = small_index();
+            index.graph.corrupt_links(slot, 0, &[100_000]);
+            assert!(
+                matches!(
+                    index.check_invariants(),
+                    Err(InvariantViolation::NeighbourOutOfRange { slot: s, .. }) if s == slot
+                ),
+                "slot {slot}"
+            );
+
+            let index = small_index();
+            let key = index.key_at(slot);
+            let cell = index
+                .graph
+                .vectors
+                .allocate(key, &[0.0, f32::INFINITY, 0.0, 0.0])
+                .unwrap();
+            let node = index.graph.lock_node(slot).unwrap();
+            index.graph.publish_cell(&node, cell);
+            drop(node);
+            assert!(
+                matches!(
+                    index.check_invariants(),
+                    Err(InvariantViolation::NonFiniteVector { slot: s }) if s == slot
+                ),
+                "slot {slot}"
+            );
+
+            let index = small_index();
+            index.graph.set_anchor(slot, crate::graph::UNANCHORED);
+            assert!(
+                matches!(
+                    index.check_invariants(),
+                    Err(InvariantViolation::Anchor { slot: s, .. }) if s == slot
+                ),
+                "slot {slot}"
+            );
+        }
+        let index = small_index();
+        index.graph.corrupt_links(290, 0, &[100_000]);
+        index.graph.corrupt_links(150, 0, &[150]);
+        assert!(matches!(
+            index.check_invariants(),
+            Err(InvariantViolation::SelfLoop { slot: 150, .. })
         ));
     }
 }

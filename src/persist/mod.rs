@@ -603,12 +603,8 @@ fn load(mut backing: Backing, check: Check, origin: Option<memmap2::Mmap>) -> Re
 fn key_map_rejecting_duplicates(index: &Index) -> Result<KeyMap> {
     let map = KeyMap::default();
     let live_keys = index.live_keys();
-    map.reserve(live_keys.len(), |s| index.key_at(s));
-    for (key, slot) in live_keys {
-        if !map.insert(key, slot, |s| index.key_at(s)) {
-            return Err(corrupt(format!("key {key} is live in two slots")));
-        }
-    }
+    map.fill_unique(&live_keys, |s| index.key_at(s))
+        .map_err(|key| corrupt(format!("key {key} is live in two slots")))?;
     Ok(map)
 }
 
