@@ -586,8 +586,6 @@ impl Graph {
             + self.anchors.allocated_bytes()
     }
 
-    /// The raw degree word and the ids it covers (clamped to the list's room),
-    /// for the invariant checker, which must see an out-of-range degree.
     /// A list in place (its raw degree, unclamped, and its whole room), for
     /// callers that keep every writer out (`check_invariants` holds the
     /// writer gate exclusively): no lock is taken and nothing is copied.
@@ -627,7 +625,15 @@ impl Graph {
                     level0.push(0);
                     // Relaxed (all loads here): the caller's exclusive
                     // writer_gate hold orders them after every write.
-                    level0.extend(record[1..].iter().map(|w| w.load(Ordering::Relaxed)));
+                    let meta = record[1].load(Ordering::Relaxed);
+                    level0.push(meta);
+                    let ids = level0.len();
+                    level0.extend(record[2..].iter().map(|w| w.load(Ordering::Relaxed)));
+                    // Neighbour order carries no meaning; sorted lists let
+                    // the validator of an opened file rule out duplicates
+                    // with one comparison per id (invariants.rs, pass 2).
+                    let degree = ((meta & DEGREE_MASK) as usize).min(self.m0);
+                    level0[ids..ids + degree].sort_unstable();
                 }
                 None => level0.extend(std::iter::repeat_n(0, stride)),
             }

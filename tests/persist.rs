@@ -3,7 +3,7 @@
 //! give a typed error (never a panic, never an index that fails its
 //! invariants).
 
-use nann::{Error, Index, IndexParams, Metric};
+use nann::{Error, FormatError, Index, IndexParams, InvariantViolation, Metric};
 
 fn rng(seed: u64) -> impl FnMut() -> u64 {
     let mut state = seed;
@@ -467,4 +467,57 @@ fn forged_files_with_valid_checksums_are_rejected() {
     if let Ok(index) = mixed {
         index.check_invariants().unwrap();
     }
+}
+
+/// `save` writes every layer-0 list sorted, and `open` checks such a list
+/// with vectorised folds (range, self-loop, strict ascent). These forgeries
+/// break exactly one of those and nothing else: the edited id is one the
+/// list's node does not anchor, so the anchor tree stays intact.
+#[test]
+fn forged_ids_in_sorted_lists_are_caught_one_by_one() {
+    let index = churned_index(150, 4, 4, Metric::L2);
+    let bytes = saved_bytes(&index, "sorted.nann");
+    let stride = 2 + 8; // lock, meta, M0 = 8 ids
+    let level0 = section_range(&bytes, 0).start;
+    let anchors = section_range(&bytes, 2).start;
+    let word = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    // The header's slot count (offset 48, see src/persist/format.rs).
+    let slots = u64::from_le_bytes(bytes[48..56].try_into().unwrap()) as usize;
+    let list = |slot: usize| -> Vec<u32> {
+        let at = level0 + slot * stride * 4;
+        let degree = (word(&bytes, at + 4) & 0x1ff) as usize;
+        (0..degree).map(|i| word(&bytes, at + 8 + 4 * i)).collect()
+    };
+    let anchor = |slot: u32| word(&bytes, anchors + 4 * slot as usize);
+    // Every saved list ascends.
+    for slot in 0..slots {
+        let ids = list(slot);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "slot {slot}: {ids:?}");
+    }
+    // A slot whose last id (its largest) and second id it does not anchor.
+    let (slot, ids) = (0..slots)
+        .map(|s| (s, list(s)))
+        .find(|(s, ids)| {
+            ids.len() >= 3 && anchor(ids[ids.len() - 1]) != *s as u32 && anchor(ids[1]) != *s as u32
+        })
+        .expect("a list with unanchored ids");
+    let at = |i: usize| level0 + slot * stride * 4 + 8 + 4 * i;
+    let violation = |r: Result<Index, Error>| match r {
+        Err(Error::Format(FormatError::Invariant(v))) => v,
+        other => panic!("expected an invariant violation, got {:?}", other.err()),
+    };
+    // Out of range, still ascending.
+    let v = violation(forged(&bytes, |b| {
+        u32_at(b, at(ids.len() - 1), slots as u32)
+    }));
+    assert!(
+        matches!(v, InvariantViolation::NeighbourOutOfRange { .. }),
+        "{v:?}"
+    );
+    // A duplicate: in range, no longer strictly ascending.
+    let v = violation(forged(&bytes, |b| u32_at(b, at(1), ids[0])));
+    assert!(
+        matches!(v, InvariantViolation::DuplicateNeighbour { .. }),
+        "{v:?}"
+    );
 }
