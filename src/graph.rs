@@ -123,6 +123,30 @@ struct UpperLinks {
     words: Box<[AtomicU32]>,
 }
 
+/// Upper-layer blocks built from a file's words while the file's sections
+/// are still borrowed, then handed to [`Graph::import_upper`] once the
+/// graph exists (no intermediate copy of the words).
+#[cfg(not(loom))]
+pub(crate) struct PreparedUpper(Vec<Box<UpperLinks>>);
+
+#[cfg(not(loom))]
+impl PreparedUpper {
+    /// One block per `(level, words)`, in table order.
+    pub(crate) fn new(blocks: &[(usize, &[u32])]) -> Self {
+        Self(
+            blocks
+                .iter()
+                .map(|&(level, words)| {
+                    Box::new(UpperLinks {
+                        level,
+                        words: words.iter().map(|&w| AtomicU32::new(w)).collect(),
+                    })
+                })
+                .collect(),
+        )
+    }
+}
+
 /// Exclusive hold on one node, proof that its lists may be written.
 #[must_use]
 #[derive(Debug)]
@@ -766,30 +790,27 @@ impl Graph {
         for (slot, &anchor) in data.anchors.iter().enumerate() {
             self.set_anchor(slot as u32, anchor);
         }
-        self.import_upper(&data.upper_blocks, data.entry)
+        self.import_upper(PreparedUpper::new(&data.upper_blocks), data.entry)
     }
 
-    /// Restores the upper-layer blocks (in table order) and the entry point.
+    /// Installs upper-layer blocks (in table order) and the entry point.
     #[cfg(not(loom))]
     pub(crate) fn import_upper(
         &self,
-        upper_blocks: &[(usize, &[u32])],
+        upper: PreparedUpper,
         entry: Option<(u32, usize)>,
     ) -> Result<()> {
-        self.upper_nodes.reserve(upper_blocks.len().max(1))?;
-        for (index, &(level, words)) in upper_blocks.iter().enumerate() {
-            let block = Box::into_raw(Box::new(UpperLinks {
-                level,
-                words: words.iter().map(|&w| AtomicU32::new(w)).collect(),
-            }));
+        let count = upper.0.len();
+        self.upper_nodes.reserve(count.max(1))?;
+        for (index, block) in upper.0.into_iter().enumerate() {
             let cell = self
                 .upper_nodes
                 .get(index)
                 .ok_or(Error::OutOfMemory { bytes: 0 })?;
-            cell[0].store(block, Ordering::Release);
+            // Ownership moves to the graph, which frees the block in `Drop`.
+            cell[0].store(Box::into_raw(block), Ordering::Release);
         }
-        self.upper_count
-            .store(upper_blocks.len() as u32, Ordering::Relaxed);
+        self.upper_count.store(count as u32, Ordering::Relaxed);
         if let Some((slot, level)) = entry {
             self.set_entry(slot, level);
         }

@@ -51,55 +51,24 @@ struct Pass1 {
 /// Slots below which the check runs on the caller's thread alone: starting
 /// threads costs more than a small index's whole check. Unit tests lower
 /// it so their 300-node indexes take the parallel path.
-#[cfg(all(not(test), not(loom)))]
+#[cfg(not(test))]
 const PARALLEL_FROM: usize = 1 << 17;
-#[cfg(all(test, not(loom)))]
+#[cfg(test)]
 const PARALLEL_FROM: usize = 128;
 
 /// Runs `f` over `0..n` split into contiguous ranges (bounds multiples of
 /// 64), one per core, on scoped threads joined before returning; results
 /// in range order. The check is a read-only pass over the whole index, and
 /// on a freshly opened file it is most of `Index::open`'s time, so it uses
-/// every core. A thread that cannot be started runs its range inline.
+/// every core.
 fn split_slots<R: Send>(n: usize, f: impl Fn(std::ops::Range<usize>) -> R + Sync) -> Vec<R> {
-    #[cfg(loom)]
-    let workers = 1;
-    #[cfg(not(loom))]
-    let workers = if n < PARALLEL_FROM {
-        1
-    } else {
-        std::thread::available_parallelism().map_or(1, |p| p.get().min(16))
-    };
-    if workers <= 1 {
-        return vec![f(0..n)];
-    }
-    let per = n.div_ceil(workers).next_multiple_of(64);
-    let ranges: Vec<std::ops::Range<usize>> = (0..n)
+    let workers = crate::parallel::pass_workers(n, PARALLEL_FROM);
+    let per = n.div_ceil(workers.max(1)).next_multiple_of(64).max(64);
+    let ranges: Vec<std::ops::Range<usize>> = (0..n.max(1))
         .step_by(per)
         .map(|start| start..(start + per).min(n))
         .collect();
-    let f = &f;
-    std::thread::scope(|scope| {
-        let spawned: Vec<_> = ranges[1..]
-            .iter()
-            .map(|range| {
-                let inner = range.clone();
-                std::thread::Builder::new()
-                    .spawn_scoped(scope, move || f(inner))
-                    .map_err(|_| range.clone())
-            })
-            .collect();
-        let mut results = vec![f(ranges[0].clone())];
-        for handle in spawned {
-            results.push(match handle {
-                Ok(handle) => handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                Err(range) => f(range),
-            });
-        }
-        results
-    })
+    crate::parallel::run_workers(ranges.len(), |w| f(ranges[w].clone()))
 }
 
 impl Index {

@@ -8,6 +8,16 @@
 //! returns keys straight from the cells), so the indirection is cheap where it
 //! is paid.
 //!
+//! ```text
+//!   key ──hash──► bits 40..44 pick a shard ──► shard's RwLock<HashTable<slot>>
+//!                 (hashbrown uses the low bits for the bucket and the top 7
+//!                  for its tag byte, so the shard choice steals from neither)
+//! ```
+//!
+//! Sixteen shards, each behind its own lock: writers of different keys
+//! rarely meet on one lock, and filling the map of an opened file (1M keys)
+//! runs on every core, each worker owning whole shards.
+//!
 //! The hash is foldhash's (`foldhash::fast::RandomState`, hashbrown's own
 //! default): randomly seeded per process, so keys chosen by an outsider
 //! cannot be aimed at one bucket chain without knowing the seed, and about
@@ -18,19 +28,57 @@
 use std::hash::BuildHasher;
 
 use foldhash::fast::RandomState;
-
 use hashbrown::HashTable;
 
-use crate::sync::{AtomicBool, Ordering, RwLock};
+use crate::sync::{AtomicBool, Mutex, Ordering, RwLock};
 
+/// Shards (a power of two). One under loom: its models gain nothing from
+/// more lock objects to explore.
+#[cfg(not(loom))]
+const SHARDS: usize = 16;
+#[cfg(loom)]
+const SHARDS: usize = 1;
+
+/// Keys below which a fill runs on the caller's thread alone.
+#[cfg_attr(loom, allow(dead_code))]
+const PARALLEL_FILL_FROM: usize = 1 << 17;
+
+/// One shard, on its own cache lines so two writers' lock words do not
+/// share a line.
 #[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(RwLock<HashTable<u32>>);
+
+/// What [`KeyMap::fill_from`] does with a key seen twice.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Duplicates {
+    /// Keep the first slot (an unvalidated file may hold duplicates).
+    KeepFirst,
+    /// Stop and report the key (a validated open rejects the file).
+    Reject,
+}
+
+#[derive(Debug)]
 pub(crate) struct KeyMap {
-    table: RwLock<HashTable<u32>>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
     /// The map still has to be filled from the index's slots (an index
     /// opened without validation defers that O(n) work to its first key
     /// operation; see [`KeyMap::deferred`]).
     pending: AtomicBool,
+    /// Held by the one [`KeyMap::fill`] that runs.
+    filling: Mutex<()>,
+}
+
+impl Default for KeyMap {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            hasher: RandomState::default(),
+            pending: AtomicBool::new(false),
+            filling: Mutex::new(()),
+        }
+    }
 }
 
 impl KeyMap {
@@ -43,77 +91,110 @@ impl KeyMap {
         }
     }
 
-    /// Fills an empty map from `(key, slot)` pairs under one lock hold;
-    /// on a key seen twice returns it (the map is then partly filled).
+    fn hash(&self, key: u64) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn shard(&self, hash: u64) -> &RwLock<HashTable<u32>> {
+        &self.shards[(hash >> 40) as usize % SHARDS].0
+    }
+
+    /// Fills an empty map from `(key, slot)` pairs; on a key seen twice
+    /// returns it (the map is then partly filled and must be dropped).
     #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn fill_unique(
         &self,
         entries: &[(u64, u32)],
-        key_of: impl Fn(u32) -> u64,
+        key_of: impl Fn(u32) -> u64 + Sync,
     ) -> std::result::Result<(), u64> {
-        let mut table = self.table.write();
-        table.reserve(entries.len(), |&s| self.hash(key_of(s)));
-        for &(key, slot) in entries {
-            let hash = self.hash(key);
-            if table.find(hash, |&s| key_of(s) == key).is_some() {
-                return Err(key);
-            }
-            table.insert_unique(hash, slot, |&s| self.hash(key_of(s)));
-        }
-        Ok(())
+        self.fill_from(entries, &key_of, Duplicates::Reject)
     }
 
     /// Whether [`fill`](Self::fill) still has to run.
     #[inline]
     pub(crate) fn is_pending(&self) -> bool {
         // Acquire: pairs with the Release in `fill`, so a caller that sees
-        // `false` also sees the filled table (it then takes the table's lock,
+        // `false` also sees the filled shards (it then takes a shard's lock,
         // which orders its accesses anyway; this flag only skips the call).
         self.pending.load(Ordering::Acquire)
     }
 
     /// Fills a deferred map from `(key, slot)` pairs, once: concurrent and
-    /// later calls return without reading `entries`. A key seen twice keeps
-    /// its first slot (only an unvalidated file can hold duplicates).
+    /// later calls wait for the first to finish, then return without reading
+    /// `entries`. A key seen twice keeps its first slot (only an
+    /// unvalidated file can hold duplicates).
     pub(crate) fn fill(
         &self,
         entries: impl FnOnce() -> Vec<(u64, u32)>,
-        key_of: impl Fn(u32) -> u64,
+        key_of: impl Fn(u32) -> u64 + Sync,
     ) {
-        let mut table = self.table.write();
-        // Relaxed: read and written only under the table's write lock.
+        let _filling = self.filling.lock();
+        // Relaxed: written only under `filling`, which this thread holds.
         if !self.pending.load(Ordering::Relaxed) {
             return;
         }
         let entries = entries();
-        table.reserve(entries.len(), |&s| self.hash(key_of(s)));
-        for (key, slot) in entries {
-            let hash = self.hash(key);
-            if table.find(hash, |&s| key_of(s) == key).is_none() {
-                table.insert_unique(hash, slot, |&s| self.hash(key_of(s)));
-            }
-        }
+        // KeepFirst never reports a duplicate.
+        let _ = self.fill_from(&entries, &key_of, Duplicates::KeepFirst);
         // Release: see `is_pending`.
         self.pending.store(false, Ordering::Release);
     }
 
-    fn hash(&self, key: u64) -> u64 {
-        self.hasher.hash_one(key)
+    /// Inserts `entries` with one worker per core for large fills, each
+    /// owning the shards `s` with `s % workers == w` (locked for the whole
+    /// fill) and reading every entry, keeping its own. A key lives in one
+    /// shard, so each shard sees its keys in `entries` order: which slot
+    /// `KeepFirst` keeps does not depend on the number of workers.
+    fn fill_from(
+        &self,
+        entries: &[(u64, u32)],
+        key_of: &(impl Fn(u32) -> u64 + Sync),
+        duplicates: Duplicates,
+    ) -> std::result::Result<(), u64> {
+        let workers = crate::parallel::pass_workers(entries.len(), PARALLEL_FILL_FROM).min(SHARDS);
+        let outcomes = crate::parallel::run_workers(workers, |w| {
+            let mut tables: Vec<_> = (0..SHARDS)
+                .map(|s| (s % workers == w).then(|| self.shards[s].0.write()))
+                .collect();
+            let mut counts = [0usize; SHARDS];
+            for &(key, _) in entries {
+                counts[(self.hash(key) >> 40) as usize % SHARDS] += 1;
+            }
+            for (table, &count) in tables.iter_mut().zip(&counts) {
+                if let Some(table) = table {
+                    table.reserve(count, |&s| self.hash(key_of(s)));
+                }
+            }
+            for &(key, slot) in entries {
+                let hash = self.hash(key);
+                let Some(table) = tables[(hash >> 40) as usize % SHARDS].as_mut() else {
+                    continue;
+                };
+                if table.find(hash, |&s| key_of(s) == key).is_some() {
+                    if duplicates == Duplicates::Reject {
+                        return Err(key);
+                    }
+                    continue;
+                }
+                table.insert_unique(hash, slot, |&s| self.hash(key_of(s)));
+            }
+            Ok(())
+        });
+        outcomes.into_iter().collect()
     }
 
     /// The slot of `key`; `key_of` reads the key stored at a slot.
     pub(crate) fn get(&self, key: u64, key_of: impl Fn(u32) -> u64) -> Option<u32> {
-        let table = self.table.read();
-        table
-            .find(self.hash(key), |&slot| key_of(slot) == key)
-            .copied()
+        let hash = self.hash(key);
+        let table = self.shard(hash).read();
+        table.find(hash, |&slot| key_of(slot) == key).copied()
     }
 
     /// Maps `key` to `slot`; returns `false` (and changes nothing) if `key`
     /// is already present.
     pub(crate) fn insert(&self, key: u64, slot: u32, key_of: impl Fn(u32) -> u64) -> bool {
-        let mut table = self.table.write();
         let hash = self.hash(key);
+        let mut table = self.shard(hash).write();
         if table.find(hash, |&s| key_of(s) == key).is_some() {
             return false;
         }
@@ -123,8 +204,9 @@ impl KeyMap {
 
     /// Removes `key`, returning its slot.
     pub(crate) fn remove(&self, key: u64, key_of: impl Fn(u32) -> u64) -> Option<u32> {
-        let mut table = self.table.write();
-        match table.find_entry(self.hash(key), |&s| key_of(s) == key) {
+        let hash = self.hash(key);
+        let mut table = self.shard(hash).write();
+        match table.find_entry(hash, |&s| key_of(s) == key) {
             Ok(entry) => Some(entry.remove().0),
             Err(_) => None,
         }
@@ -132,26 +214,68 @@ impl KeyMap {
 
     /// Every mapped slot (for invariant checks).
     pub(crate) fn slots(&self) -> Vec<u32> {
-        self.table.read().iter().copied().collect()
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            out.extend(shard.0.read().iter().copied());
+        }
+        out
     }
 
-    /// Bytes of the table's buckets and control bytes.
+    /// Bytes of the shards' buckets and control bytes.
     pub(crate) fn allocated_bytes(&self) -> usize {
-        let capacity = self.table.read().capacity();
-        if capacity == 0 {
-            return 0;
-        }
-        // hashbrown's bucket count is the power of two whose 7/8 is at least
-        // the capacity; each bucket is a 4-byte slot plus one control byte
-        // (plus 16 trailing control bytes for the SIMD probe).
-        let buckets = (capacity * 8).div_ceil(7).next_power_of_two();
-        buckets * 5 + 16
+        self.shards
+            .iter()
+            .map(|shard| {
+                let capacity = shard.0.read().capacity();
+                if capacity == 0 {
+                    return 0;
+                }
+                // hashbrown's bucket count is the power of two whose 7/8 is
+                // at least the capacity; each bucket is a 4-byte slot plus
+                // one control byte (plus 16 trailing control bytes for the
+                // SIMD probe).
+                let buckets = (capacity * 8).div_ceil(7).next_power_of_two();
+                buckets * 5 + 16
+            })
+            .sum()
     }
 
     /// Test hook: map a key to a slot without any check.
     #[cfg(test)]
     pub(crate) fn force_insert(&self, key: u64, slot: u32, key_of: impl Fn(u32) -> u64) {
-        let mut table = self.table.write();
-        table.insert_unique(self.hash(key), slot, |&s| self.hash(key_of(s)));
+        let hash = self.hash(key);
+        let mut table = self.shard(hash).write();
+        table.insert_unique(hash, slot, |&s| self.hash(key_of(s)));
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// Keys live at `slot * 3 + 1`; a fill large enough to run on several
+    /// workers keeps every key findable, keeps the first slot of a repeated
+    /// key, and a rejecting fill names the repeated key.
+    #[test]
+    fn parallel_fill_matches_one_by_one_inserts() {
+        let n = PARALLEL_FILL_FROM as u32 + 1000;
+        let key_of = |slot: u32| u64::from(slot) * 3 + 1;
+        let mut entries: Vec<(u64, u32)> = (0..n).map(|s| (key_of(s), s)).collect();
+        let map = KeyMap::deferred();
+        map.fill(|| entries.clone(), key_of);
+        assert!(!map.is_pending());
+        for s in (0..n).step_by(997) {
+            assert_eq!(map.get(key_of(s), key_of), Some(s));
+        }
+        assert_eq!(map.slots().len(), n as usize);
+
+        // Slot n repeats slot 5's key: KeepFirst keeps 5, Reject names it.
+        let key_of_dup = |slot: u32| if slot == n { key_of(5) } else { key_of(slot) };
+        entries.push((key_of(5), n));
+        let map = KeyMap::deferred();
+        map.fill(|| entries.clone(), key_of_dup);
+        assert_eq!(map.get(key_of(5), key_of_dup), Some(5));
+        let map = KeyMap::default();
+        assert_eq!(map.fill_unique(&entries, key_of_dup), Err(key_of(5)));
     }
 }

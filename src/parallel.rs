@@ -59,3 +59,50 @@ where
     }
     slots.into_iter().flatten().collect()
 }
+
+/// Threads for a one-off pass over `items` items (validating an opened
+/// file, filling its key map): every core (at most 16), but one below
+/// `min_items`, where starting threads costs more than it saves, and
+/// always one under loom, whose models run their own threads.
+#[cfg_attr(loom, allow(unused_variables))]
+pub(crate) fn pass_workers(items: usize, min_items: usize) -> usize {
+    #[cfg(loom)]
+    return 1;
+    #[cfg(not(loom))]
+    if items < min_items {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(16))
+    }
+}
+
+/// Runs `f(w)` for every worker `w in 0..workers`, worker 0 on the caller's
+/// thread and the others on scoped threads joined before returning; results
+/// in worker order. A thread that cannot be started runs its worker inline
+/// (std's `scope.spawn` would panic instead).
+pub(crate) fn run_workers<R: Send>(workers: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    if workers <= 1 {
+        return vec![f(0)];
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let spawned: Vec<_> = (1..workers)
+            .map(|w| {
+                std::thread::Builder::new()
+                    .spawn_scoped(scope, move || f(w))
+                    .map_err(|_| w)
+            })
+            .collect();
+        let mut results = Vec::with_capacity(workers);
+        results.push(f(0));
+        for handle in spawned {
+            results.push(match handle {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(w) => f(w),
+            });
+        }
+        results
+    })
+}
