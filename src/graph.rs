@@ -127,6 +127,9 @@ struct UpperLinks {
 /// are still borrowed, then handed to [`Graph::import_upper`] once the
 /// graph exists (no intermediate copy of the words).
 #[cfg(not(loom))]
+// Boxed: each block's address is published in `upper_nodes` and must not
+// move when the vector does.
+#[allow(clippy::vec_box)]
 pub(crate) struct PreparedUpper(Vec<Box<UpperLinks>>);
 
 #[cfg(not(loom))]
