@@ -303,21 +303,20 @@ impl Index {
     #[inline]
     pub(crate) fn key_map(&self) -> &KeyMap {
         if self.keys.is_pending() {
-            self.keys.fill(|| self.live_keys(), |s| self.key_at(s));
+            self.keys.fill(
+                // Acquire: pairs with the Release that published each slot.
+                || self.next_slot.load(Ordering::Acquire) as u32,
+                |s| self.live_key(s),
+                |s| self.key_at(s),
+            );
         }
         &self.keys
     }
 
-    /// `(key, slot)` of every live slot.
-    pub(crate) fn live_keys(&self) -> Vec<(u64, u32)> {
-        let slots = self.next_slot.load(Ordering::Acquire) as u32;
-        (0..slots)
-            .filter(|&slot| {
-                let word = self.graph.cell_word(slot);
-                word != NO_CELL && word & TOMBSTONE == 0
-            })
-            .map(|slot| (self.key_at(slot), slot))
-            .collect()
+    /// The key of `slot` if it is live (published, not removed).
+    pub(crate) fn live_key(&self, slot: u32) -> Option<u64> {
+        let word = self.graph.cell_word(slot);
+        (word != NO_CELL && word & TOMBSTONE == 0).then(|| self.graph.vectors.key(word))
     }
 
     /// The key stored in `slot`'s current cell.

@@ -99,15 +99,17 @@ impl KeyMap {
         &self.shards[(hash >> 40) as usize % SHARDS].0
     }
 
-    /// Fills an empty map from `(key, slot)` pairs; on a key seen twice
-    /// returns it (the map is then partly filled and must be dropped).
+    /// Fills an empty map with every slot below `slots` that has a live
+    /// key (`live_key`); on a key seen twice returns it (the map is then
+    /// partly filled and must be dropped).
     #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn fill_unique(
         &self,
-        entries: &[(u64, u32)],
+        slots: u32,
+        live_key: impl Fn(u32) -> Option<u64> + Sync,
         key_of: impl Fn(u32) -> u64 + Sync,
     ) -> std::result::Result<(), u64> {
-        self.fill_from(entries, &key_of, Duplicates::Reject)
+        self.fill_from(slots, &live_key, &key_of, Duplicates::Reject)
     }
 
     /// Whether [`fill`](Self::fill) still has to run.
@@ -119,13 +121,14 @@ impl KeyMap {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Fills a deferred map from `(key, slot)` pairs, once: concurrent and
-    /// later calls wait for the first to finish, then return without reading
-    /// `entries`. A key seen twice keeps its first slot (only an
-    /// unvalidated file can hold duplicates).
+    /// Fills a deferred map as [`fill_unique`](Self::fill_unique) does,
+    /// once: concurrent and later calls wait for the first to finish, then
+    /// return without calling `slots`. A key seen twice keeps its first
+    /// slot (only an unvalidated file can hold duplicates).
     pub(crate) fn fill(
         &self,
-        entries: impl FnOnce() -> Vec<(u64, u32)>,
+        slots: impl FnOnce() -> u32,
+        live_key: impl Fn(u32) -> Option<u64> + Sync,
         key_of: impl Fn(u32) -> u64 + Sync,
     ) {
         let _filling = self.filling.lock();
@@ -133,39 +136,46 @@ impl KeyMap {
         if !self.pending.load(Ordering::Relaxed) {
             return;
         }
-        let entries = entries();
         // KeepFirst never reports a duplicate.
-        let _ = self.fill_from(&entries, &key_of, Duplicates::KeepFirst);
+        let _ = self.fill_from(slots(), &live_key, &key_of, Duplicates::KeepFirst);
         // Release: see `is_pending`.
         self.pending.store(false, Ordering::Release);
     }
 
-    /// Inserts `entries` with one worker per core for large fills, each
-    /// owning the shards `s` with `s % workers == w` (locked for the whole
-    /// fill) and reading every entry, keeping its own. A key lives in one
-    /// shard, so each shard sees its keys in `entries` order: which slot
-    /// `KeepFirst` keeps does not depend on the number of workers.
+    /// Inserts the live slots below `slots`, with one worker per core for
+    /// large fills, each owning the shards `s` with `s % workers == w`
+    /// (locked for the whole fill) and reading every slot, keeping its own.
+    /// Slots are read in place (no list of pairs is built: for 1M keys that
+    /// was 16 MB of fresh pages to fault in). A key lives in one shard, so
+    /// each shard sees its keys in slot order: which slot `KeepFirst` keeps
+    /// does not depend on the number of workers.
     fn fill_from(
         &self,
-        entries: &[(u64, u32)],
+        slots: u32,
+        live_key: &(impl Fn(u32) -> Option<u64> + Sync),
         key_of: &(impl Fn(u32) -> u64 + Sync),
         duplicates: Duplicates,
     ) -> std::result::Result<(), u64> {
-        let workers = crate::parallel::pass_workers(entries.len(), PARALLEL_FILL_FROM).min(SHARDS);
+        let workers = crate::parallel::pass_workers(slots as usize, PARALLEL_FILL_FROM).min(SHARDS);
         let outcomes = crate::parallel::run_workers(workers, |w| {
             let mut tables: Vec<_> = (0..SHARDS)
                 .map(|s| (s % workers == w).then(|| self.shards[s].0.write()))
                 .collect();
             let mut counts = [0usize; SHARDS];
-            for &(key, _) in entries {
-                counts[(self.hash(key) >> 40) as usize % SHARDS] += 1;
+            for slot in 0..slots {
+                if let Some(key) = live_key(slot) {
+                    counts[(self.hash(key) >> 40) as usize % SHARDS] += 1;
+                }
             }
             for (table, &count) in tables.iter_mut().zip(&counts) {
                 if let Some(table) = table {
                     table.reserve(count, |&s| self.hash(key_of(s)));
                 }
             }
-            for &(key, slot) in entries {
+            for slot in 0..slots {
+                let Some(key) = live_key(slot) else {
+                    continue;
+                };
                 let hash = self.hash(key);
                 let Some(table) = tables[(hash >> 40) as usize % SHARDS].as_mut() else {
                     continue;
@@ -260,22 +270,25 @@ mod tests {
     fn parallel_fill_matches_one_by_one_inserts() {
         let n = PARALLEL_FILL_FROM as u32 + 1000;
         let key_of = |slot: u32| u64::from(slot) * 3 + 1;
-        let mut entries: Vec<(u64, u32)> = (0..n).map(|s| (key_of(s), s)).collect();
+        // Every third slot is not live.
+        let live = |slot: u32| (slot % 3 != 2).then(|| key_of(slot));
         let map = KeyMap::deferred();
-        map.fill(|| entries.clone(), key_of);
+        map.fill(|| n, live, key_of);
         assert!(!map.is_pending());
         for s in (0..n).step_by(997) {
-            assert_eq!(map.get(key_of(s), key_of), Some(s));
+            let expected = (s % 3 != 2).then_some(s);
+            assert_eq!(map.get(key_of(s), key_of), expected);
         }
-        assert_eq!(map.slots().len(), n as usize);
+        assert_eq!(map.slots().len(), (0..n).filter(|s| s % 3 != 2).count());
 
-        // Slot n repeats slot 5's key: KeepFirst keeps 5, Reject names it.
-        let key_of_dup = |slot: u32| if slot == n { key_of(5) } else { key_of(slot) };
-        entries.push((key_of(5), n));
+        // Slot n repeats (live) slot 4's key: KeepFirst keeps 4, Reject
+        // names it.
+        let key_of_dup = |slot: u32| if slot == n { key_of(4) } else { key_of(slot) };
+        let live_dup = |slot: u32| (slot % 3 != 2 || slot == n).then(|| key_of_dup(slot));
         let map = KeyMap::deferred();
-        map.fill(|| entries.clone(), key_of_dup);
-        assert_eq!(map.get(key_of(5), key_of_dup), Some(5));
+        map.fill(|| n + 1, live_dup, key_of_dup);
+        assert_eq!(map.get(key_of(4), key_of_dup), Some(4));
         let map = KeyMap::default();
-        assert_eq!(map.fill_unique(&entries, key_of_dup), Err(key_of(5)));
+        assert_eq!(map.fill_unique(n + 1, live_dup, key_of_dup), Err(key_of(4)));
     }
 }

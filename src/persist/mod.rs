@@ -597,8 +597,9 @@ fn load(mut backing: Backing, check: Check, origin: Option<memmap2::Mmap>) -> Re
 /// live in two slots makes the file corrupt.
 fn key_map_rejecting_duplicates(index: &Index) -> Result<KeyMap> {
     let map = KeyMap::default();
-    let live_keys = index.live_keys();
-    map.fill_unique(&live_keys, |s| index.key_at(s))
+    // Relaxed: the index is not shared yet.
+    let slots = index.next_slot.load(Ordering::Relaxed) as u32;
+    map.fill_unique(slots, |s| index.live_key(s), |s| index.key_at(s))
         .map_err(|key| corrupt(format!("key {key} is live in two slots")))?;
     Ok(map)
 }
