@@ -44,7 +44,9 @@ struct Pass1 {
     /// Bit `i` for slot `range.start + i`.
     allocated: Vec<u64>,
     levels: Vec<u8>,
-    live_slots: Vec<u32>,
+    /// Bit `i` for a live slot `range.start + i`.
+    live: Vec<u64>,
+    live_count: usize,
     max_level: Option<usize>,
 }
 
@@ -120,7 +122,8 @@ impl Index {
             let mut piece = Pass1 {
                 allocated: vec![0u64; range.len().div_ceil(64)],
                 levels: vec![0u8; range.len()],
-                live_slots: Vec::new(),
+                live: vec![0u64; range.len().div_ceil(64)],
+                live_count: 0,
                 max_level: None,
             };
             for slot in range.start as u32..range.end as u32 {
@@ -134,7 +137,8 @@ impl Index {
                 piece.levels[i] = level as u8;
                 piece.max_level = Some(piece.max_level.map_or(level, |m: usize| m.max(level)));
                 if word & TOMBSTONE == 0 {
-                    piece.live_slots.push(slot);
+                    piece.live[i / 64] |= 1 << (i % 64);
+                    piece.live_count += 1;
                 }
                 if let Some(v) = self.graph.vector(slot, &guard) {
                     // A fold without early exit vectorises.
@@ -147,15 +151,21 @@ impl Index {
         });
         let mut allocated = Vec::with_capacity(n.div_ceil(64));
         let mut levels = Vec::with_capacity(n);
-        let mut live_slots = Vec::new();
+        let mut live = Vec::with_capacity(n.div_ceil(64));
+        let mut live_count = 0;
         let mut max_level: Option<usize> = None;
         for piece in pieces {
             let piece = piece?;
             allocated.extend_from_slice(&piece.allocated);
             levels.extend_from_slice(&piece.levels);
-            live_slots.extend_from_slice(&piece.live_slots);
+            live.extend_from_slice(&piece.live);
+            live_count += piece.live_count;
             max_level = max_level.max(piece.max_level);
         }
+        let is_live = |s: u32| {
+            live.get(s as usize / 64)
+                .is_some_and(|w| w & (1 << (s % 64)) != 0)
+        };
         let is_allocated = |s: u32| s < slots && allocated[s as usize / 64] & (1 << (s % 64)) != 0;
 
         // Pass 2, per list: I1-I5. Lists are read in place: the exclusive
@@ -312,60 +322,58 @@ impl Index {
         }
 
         // I7 / I8: the mapped slots are exactly the live ones, each once
-        // (bitsets, no sort), and each key looks up to its slot.
-        let mapped = self.key_map().slots();
-        let mut live = vec![0u64; n.div_ceil(64)];
-        for &slot in &live_slots {
-            live[slot as usize / 64] |= 1 << (slot % 64);
-        }
+        // (bitsets, no sort, no list of slots), and each key looks up to
+        // its slot.
         let mut marks = vec![0u64; n.div_ceil(64)];
-        for &slot in &mapped {
-            let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
-            if live.get(word).is_none_or(|w| w & bit == 0) {
-                return Err(InvariantViolation::KeyMap {
-                    reason: format!(
-                        "slot {slot} is mapped but not live ({} mapped slots vs {} live slots)",
-                        mapped.len(),
-                        live_slots.len()
-                    ),
-                });
+        let mut mapped = 0usize;
+        let mut fault = None;
+        let mut to_look_up = Vec::new();
+        self.key_map().for_each_slot(|slot| {
+            if fault.is_some() {
+                return;
             }
+            mapped += 1;
+            if !is_live(slot) {
+                fault = Some(format!(
+                    "slot {slot} is mapped but not live ({live_count} live slots)"
+                ));
+                return;
+            }
+            let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
             if marks[word] & bit != 0 {
-                return Err(InvariantViolation::KeyMap {
-                    reason: format!("slot {slot} is mapped by two keys"),
-                });
+                fault = Some(format!("slot {slot} is mapped by two keys"));
+                return;
             }
             marks[word] |= bit;
+            if lookups == KeyLookups::Verify {
+                to_look_up.push(slot);
+            }
+        });
+        if let Some(reason) = fault {
+            return Err(InvariantViolation::KeyMap { reason });
         }
-        if mapped.len() != live_slots.len() {
-            let missing = live_slots
-                .iter()
-                .find(|&&s| marks[s as usize / 64] & (1 << (s % 64)) == 0);
+        // After the walk: a lookup takes a shard's lock, which the walk
+        // holds.
+        for slot in to_look_up {
+            let key = self.key_at(slot);
+            if self.slot_of(key) != Some(slot) {
+                return Err(InvariantViolation::KeyMap {
+                    reason: format!("key {key} stored at slot {slot} does not look up to it"),
+                });
+            }
+        }
+        if mapped != live_count {
+            let missing =
+                (0..slots).find(|&s| is_live(s) && marks[s as usize / 64] & (1 << (s % 64)) == 0);
             return Err(InvariantViolation::KeyMap {
                 reason: format!(
-                    "{} mapped slots vs {} live slots (live but unmapped: {missing:?})",
-                    mapped.len(),
-                    live_slots.len()
+                    "{mapped} mapped slots vs {live_count} live slots (live but unmapped: {missing:?})"
                 ),
             });
         }
-        if lookups == KeyLookups::Verify {
-            for &slot in &mapped {
-                let key = self.key_at(slot);
-                if self.slot_of(key) != Some(slot) {
-                    return Err(InvariantViolation::KeyMap {
-                        reason: format!("key {key} stored at slot {slot} does not look up to it"),
-                    });
-                }
-            }
-        }
-        if self.len() != live_slots.len() {
+        if self.len() != live_count {
             return Err(InvariantViolation::KeyMap {
-                reason: format!(
-                    "len() is {} but {} slots are live",
-                    self.len(),
-                    live_slots.len()
-                ),
+                reason: format!("len() is {} but {live_count} slots are live", self.len()),
             });
         }
 
@@ -459,7 +467,7 @@ impl Index {
         if let Some((slot, reason)) = broken {
             // Say "unreachable" when that is what the broken anchor means (a
             // BFS, only on this failure path).
-            if let Some(violation) = self.unreachable_live_slot(&live_slots, slots) {
+            if let Some(violation) = self.unreachable_live_slot(&is_live, slots) {
                 return Err(violation);
             }
             return Err(InvariantViolation::Anchor { slot, reason });
@@ -469,7 +477,11 @@ impl Index {
 
     /// I9 by breadth-first search from the entry point on layer 0: the
     /// diagnosis behind a broken anchor tree.
-    fn unreachable_live_slot(&self, live_slots: &[u32], slots: u32) -> Option<InvariantViolation> {
+    fn unreachable_live_slot(
+        &self,
+        is_live: &dyn Fn(u32) -> bool,
+        slots: u32,
+    ) -> Option<InvariantViolation> {
         let (entry_slot, _) = self.graph.entry()?;
         let mut reached = vec![false; slots as usize];
         let mut queue = std::collections::VecDeque::from([entry_slot]);
@@ -489,10 +501,8 @@ impl Index {
                 }
             }
         }
-        let unreachable: Vec<u32> = live_slots
-            .iter()
-            .copied()
-            .filter(|&s| !reached[s as usize])
+        let unreachable: Vec<u32> = (0..slots)
+            .filter(|&s| is_live(s) && !reached[s as usize])
             .collect();
         let example = *unreachable.first()?;
         Some(InvariantViolation::Unreachable {

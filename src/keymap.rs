@@ -222,7 +222,16 @@ impl KeyMap {
         }
     }
 
-    /// Every mapped slot (for invariant checks).
+    /// Calls `f` on every mapped slot, shard by shard (each shard's lock
+    /// held while its slots are visited).
+    pub(crate) fn for_each_slot(&self, mut f: impl FnMut(u32)) {
+        for shard in self.shards.iter() {
+            shard.0.read().iter().for_each(|&slot| f(slot));
+        }
+    }
+
+    /// Every mapped slot.
+    #[cfg(test)]
     pub(crate) fn slots(&self) -> Vec<u32> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
