@@ -450,8 +450,9 @@ fn main() -> ExitCode {
         );
     } else {
         println!(
-            "{} opens: {} rejected with a format error, {} accepted and valid, {} failures; \
+            "seed {}: {} opens: {} rejected with a format error, {} accepted and valid, {} failures; \
              worst peak heap over 1.1 x file length: {} bytes (bound 64 MiB; {})",
+            args.seed,
             tally.cases,
             tally.rejected,
             tally.accepted,
