@@ -75,14 +75,20 @@
 //! read-only view of the file, ~38 ms for a 394 MiB file on the benchmark
 //! machine) when it can afford it; [`Index::open_untrusted`] always checks.
 //!
-//! # What this version does not do yet
+//! # Where a validated open spends its time
 //!
-//! A validated open of a 1M-entry file takes ~0.3 s, half of hnswlib's
-//! `load_index` but far from the 0.1x target: the invariant pass still reads
-//! every list and anchor once, single-threaded. The durable update log and
-//! `checkpoint` are [`DurableIndex`](crate::DurableIndex); every byte of a
-//! save goes through the [`Storage`] seam (a mapped open reads the real file
-//! system only).
+//! For a 1M x 64 file (394 MiB, page cache warm, 2 cores) a validated open
+//! takes ~80-110 ms, 0.12-0.14x hnswlib's `load_index` of the same data
+//! (BENCHMARKS.md), still above the 0.1x target. Every O(n) pass runs on
+//! every core (`crate::parallel::run_workers`): the per-record structure
+//! checks, the key map fill (16 shards, each filled by one worker, foldhash),
+//! and the invariant passes. What remains is mostly memory traffic: reading
+//! the vectors once for the finiteness check (I11), the level-0 records
+//! twice, and one random read of each node's anchor list. `save` writes
+//! every layer-0 list sorted, so the duplicate check (I3) of an opened file
+//! is one comparison per id. The durable update log and `checkpoint` are
+//! [`DurableIndex`](crate::DurableIndex); every byte of a save goes through
+//! the [`Storage`] seam (a mapped open reads the real file system only).
 //!
 //! # Saving
 //!
