@@ -51,6 +51,8 @@
 //!   (forward links) before any other node links to it (reverse links), and
 //!   its cell is published before either; see `insert.rs`.
 
+use std::ptr::NonNull;
+
 use crossbeam_epoch::Guard;
 
 use crate::error::{Error, Result};
@@ -119,13 +121,53 @@ pub(crate) struct BorrowedArrays {
 /// The upper-layer lists of one node (levels 1..=level).
 struct UpperLinks {
     level: usize,
-    /// Per layer `1 + M` words: degree, then ids.
-    words: Box<[AtomicU32]>,
+    /// Per layer `1 + M` words: degree, then ids. Either owned (a leaked
+    /// `Box<[AtomicU32]>`, freed when the block is dropped) or borrowed from
+    /// an opened file's words, which the graph's keepalive holds for as long
+    /// as the graph (and so the block) lives.
+    words: NonNull<[AtomicU32]>,
+    owned: bool,
+}
+
+// SAFETY: the words are atomics, shared only through `&[AtomicU32]`; owned
+// words are freed once, by the block's `Drop`, and borrowed ones outlive
+// every block (see `words`). Nothing else in the block is shared mutably.
+unsafe impl Send for UpperLinks {}
+// SAFETY: as above; `&UpperLinks` only hands out `&[AtomicU32]`.
+unsafe impl Sync for UpperLinks {}
+
+impl UpperLinks {
+    fn owned(level: usize, words: Box<[AtomicU32]>) -> Self {
+        Self {
+            level,
+            words: NonNull::from(Box::leak(words)),
+            owned: true,
+        }
+    }
+
+    #[inline]
+    fn words(&self) -> &[AtomicU32] {
+        // SAFETY: owned words live until this block's `Drop`; borrowed words
+        // live in the backing the graph keeps alive until after it has
+        // dropped every block (`Graph::drop` runs before its fields drop).
+        // Either way they are valid, aligned `AtomicU32`s for `&self`.
+        unsafe { self.words.as_ref() }
+    }
+}
+
+impl Drop for UpperLinks {
+    fn drop(&mut self) {
+        if self.owned {
+            // SAFETY: produced by `Box::leak` in `UpperLinks::owned` and
+            // freed only here, once.
+            drop(unsafe { Box::from_raw(self.words.as_ptr()) });
+        }
+    }
 }
 
 /// Upper-layer blocks built from a file's words while the file's sections
-/// are still borrowed, then handed to [`Graph::import_upper`] once the
-/// graph exists (no intermediate copy of the words).
+/// are still borrowed (or pointing into it), then handed to
+/// [`Graph::import_upper`] once the graph exists.
 #[cfg(not(loom))]
 // Boxed: each block's address is published in `upper_nodes` and must not
 // move when the vector does.
@@ -134,15 +176,40 @@ pub(crate) struct PreparedUpper(Vec<Box<UpperLinks>>);
 
 #[cfg(not(loom))]
 impl PreparedUpper {
-    /// One block per `(level, words)`, in table order.
+    /// One block per `(level, words)`, in table order, copying the words.
     pub(crate) fn new(blocks: &[(usize, &[u32])]) -> Self {
         Self(
             blocks
                 .iter()
                 .map(|&(level, words)| {
+                    Box::new(UpperLinks::owned(
+                        level,
+                        words.iter().map(|&w| AtomicU32::new(w)).collect(),
+                    ))
+                })
+                .collect(),
+        )
+    }
+
+    /// One block per `(level, words)`, in table order, using the words in
+    /// place (an opened file's, zero-copy).
+    ///
+    /// # Safety
+    ///
+    /// Every `words` must be valid for reads and atomic writes of its
+    /// `AtomicU32`s, aligned, not accessed other than through this graph,
+    /// and must outlive the graph these blocks are imported into: they lie
+    /// in the backing passed to that graph's `Graph::from_borrowed` as its
+    /// keepalive.
+    pub(crate) unsafe fn borrowed(blocks: Vec<(usize, NonNull<[AtomicU32]>)>) -> Self {
+        Self(
+            blocks
+                .into_iter()
+                .map(|(level, words)| {
                     Box::new(UpperLinks {
                         level,
-                        words: words.iter().map(|&w| AtomicU32::new(w)).collect(),
+                        words,
+                        owned: false,
                     })
                 })
                 .collect(),
@@ -402,7 +469,7 @@ impl Graph {
                 return None;
             }
             let start = (layer - 1) * (1 + self.m);
-            let block = upper.words.get(start..start + 1 + self.m)?;
+            let block = upper.words().get(start..start + 1 + self.m)?;
             Some((&block[0], &block[1..]))
         }
     }
@@ -559,7 +626,7 @@ impl Graph {
             let words = (0..level * (1 + self.m))
                 .map(|_| AtomicU32::new(0))
                 .collect();
-            let block = Box::into_raw(Box::new(UpperLinks { level, words }));
+            let block = Box::into_raw(Box::new(UpperLinks::owned(level, words)));
             let cell = self
                 .upper_nodes
                 .get(index)
@@ -599,7 +666,9 @@ impl Graph {
                 // SAFETY: see `upper_links`; blocks live until `Drop`.
                 unsafe { cell[0].load(Ordering::Acquire).as_ref() }
             })
-            .map(|u| std::mem::size_of::<UpperLinks>() + u.words.len() * 4)
+            .map(|u| {
+                std::mem::size_of::<UpperLinks>() + if u.owned { u.words().len() * 4 } else { 0 }
+            })
             .sum();
         self.level0.allocated_bytes() - self.level0.capacity() * 4 + upper
     }
@@ -682,7 +751,7 @@ impl Graph {
             match block {
                 Some(block) => {
                     upper.push(block.level as u32);
-                    upper.extend(block.words.iter().map(|w| w.load(Ordering::Relaxed)));
+                    upper.extend(block.words().iter().map(|w| w.load(Ordering::Relaxed)));
                 }
                 None => upper.push(0),
             }

@@ -550,7 +550,12 @@ fn load(mut backing: Backing, check: Check, origin: Option<memmap2::Mmap>) -> Re
         let index = restore_by_copy(&header, &layout, &sections)?;
         return finish(index, check, origin);
     };
-    let upper = crate::graph::PreparedUpper::new(&layout.upper_blocks);
+    // Upper blocks: used in place (byte offset and word count of each) when
+    // the section is a native view of the file, else copied now.
+    let upper_in_place = sections.upper_in_place(file, &layout.upper_blocks);
+    let upper_copied = upper_in_place
+        .is_none()
+        .then(|| crate::graph::PreparedUpper::new(&layout.upper_blocks));
     let (params, slots, live, entry) = (layout.params, layout.slots, layout.live, layout.entry);
     drop(sections);
     let base = backing.base_mut();
@@ -577,6 +582,28 @@ fn load(mut backing: Backing, check: Check, origin: Option<memmap2::Mmap>) -> Re
                 keepalive,
             },
         )?
+    };
+    let upper = match (upper_in_place, upper_copied) {
+        (Some(blocks), _) => {
+            let blocks = blocks
+                .into_iter()
+                .map(|(level, start, len)| {
+                    // SAFETY: `upper_in_place` checked that `start..start +
+                    // 4 * len` lies inside the backing and is 4-aligned.
+                    let first = unsafe { NonNull::new_unchecked(base.add(start).cast()) };
+                    (level, NonNull::slice_from_raw_parts(first, len))
+                })
+                .collect();
+            // SAFETY: each block's words are in bounds and aligned (above),
+            // disjoint from every other array the graph borrows (they are
+            // the upper section's, and sections do not overlap: checked by
+            // `Header::decode`), and live in the backing that `keepalive`,
+            // now the graph's, holds for the graph's whole life. The shared
+            // borrows used for validation ended with `drop(sections)`.
+            unsafe { crate::graph::PreparedUpper::borrowed(blocks) }
+        }
+        (None, Some(copied)) => copied,
+        (None, None) => crate::graph::PreparedUpper::new(&[]),
     };
     graph.import_upper(upper, entry)?;
     let index = Index::from_graph(params, graph, KeyMap::deferred())?;
@@ -838,6 +865,30 @@ impl<'f> Sections<'f> {
     /// Where the per-slot arrays lie in `file`, if an index can use them in
     /// place: all borrowed (not converted), non-empty, and aligned for the
     /// atomic types the graph views them as.
+    /// Where each upper block's words lie in `file` (level, byte offset,
+    /// word count), if the upper section is a native view of the file and
+    /// every block is in bounds and 4-aligned; `None` means copy them.
+    fn upper_in_place(
+        &self,
+        file: &[u8],
+        blocks: &[(usize, &[u32])],
+    ) -> Option<Vec<(usize, usize, usize)>> {
+        let Cow::Borrowed(_) = self.upper else {
+            return None;
+        };
+        blocks
+            .iter()
+            .map(|&(level, words)| {
+                let start = (words.as_ptr() as usize).checked_sub(file.as_ptr() as usize)?;
+                let end = start.checked_add(std::mem::size_of_val(words))?;
+                (end <= file.len()
+                    && (words.as_ptr() as usize)
+                        .is_multiple_of(std::mem::align_of::<crate::sync::AtomicU32>()))
+                .then_some((level, start, words.len()))
+            })
+            .collect()
+    }
+
     fn borrowable(&self, file: &[u8]) -> Option<Offsets> {
         // A `&Cow`, not a slice: whether the array is borrowed is the point.
         #[allow(clippy::ptr_arg)]
