@@ -25,62 +25,15 @@
 //! 64 MiB + 1.1 x the file's length, and fails if any open exceeds it.
 //! Prints a summary (or one JSON object with `--json`); exit 1 on failure.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nann::{Error, Index, IndexParams, Metric};
 
-/// The system allocator, counting live bytes and their peak.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(bytes: usize) {
-    // Relaxed: statistics, read after the measured call returns on this
-    // thread (validation threads are joined before `from_bytes` returns).
-    let now = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-// SAFETY: every call forwards to `System` with the caller's arguments
-// unchanged; the counters have no effect on the memory returned.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded unchanged (see the impl).
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            grew(layout.size());
-        }
-        ptr
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded unchanged (see the impl).
-        let ptr = unsafe { System.alloc_zeroed(layout) };
-        if !ptr.is_null() {
-            grew(layout.size());
-        }
-        ptr
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged (see the impl).
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded unchanged (see the impl).
-        let new = unsafe { System.realloc(ptr, layout, new_size) };
-        if !new.is_null() {
-            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-            grew(new_size);
-        }
-        new
-    }
-}
+#[path = "support/mod.rs"]
+mod support;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: support::heap::Counting = support::heap::Counting;
 
 /// splitmix64, so a seed reproduces a run.
 struct Rng(u64);
@@ -103,57 +56,9 @@ impl Rng {
     }
 }
 
-// ---- the file layout, as far as resealing needs it (src/persist/format.rs) ----
-
-const FIXED_LEN: usize = 128;
-const ENTRY_LEN: usize = 32;
-const SECTIONS: usize = 6;
-
-fn section_range(bytes: &[u8], index: usize) -> Option<std::ops::Range<usize>> {
-    let e = FIXED_LEN + index * ENTRY_LEN;
-    let offset = u64::from_le_bytes(bytes.get(e + 8..e + 16)?.try_into().ok()?) as usize;
-    let len = u64::from_le_bytes(bytes.get(e + 16..e + 24)?.try_into().ok()?) as usize;
-    Some(offset..offset.checked_add(len)?)
-}
-
-/// Recomputes every section checksum and the header checksum (where the
-/// damaged table still lets it find them).
-fn reseal(bytes: &mut [u8]) {
-    for i in 0..SECTIONS {
-        let Some(range) = section_range(bytes, i) else {
-            continue;
-        };
-        let Some(section) = bytes.get(range) else {
-            continue;
-        };
-        let crc = crc32c(section);
-        let e = FIXED_LEN + i * ENTRY_LEN;
-        if let Some(slot) = bytes.get_mut(e + 24..e + 28) {
-            slot.copy_from_slice(&crc.to_le_bytes());
-        }
-    }
-    let table_end = FIXED_LEN + SECTIONS * ENTRY_LEN;
-    if bytes.len() >= table_end + 4 {
-        let crc = crc32c(&bytes[..table_end]);
-        bytes[table_end..table_end + 4].copy_from_slice(&crc.to_le_bytes());
-    }
-}
-
-/// Bitwise CRC32C (Castagnoli, reflected), independent of the crate's.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
+#[path = "../tests/support/forge.rs"]
+mod forge;
+use forge::{reseal, section_range, SECTIONS};
 
 // ---- the base files ----
 
@@ -210,10 +115,7 @@ struct Tally {
 impl Tally {
     fn open(&mut self, what: &str, bytes: &[u8], probe: &[f32]) {
         self.cases += 1;
-        let before = LIVE.load(Ordering::Relaxed);
-        PEAK.store(before, Ordering::Relaxed);
-        let opened = Index::from_bytes(bytes);
-        let peak = PEAK.load(Ordering::Relaxed).saturating_sub(before);
+        let (opened, _, peak) = support::heap::measured(|| Index::from_bytes(bytes));
         let over = peak as i64 - (bytes.len() as f64 * 1.1) as i64;
         if over > self.worst_heap_over_payload {
             self.worst_heap_over_payload = over;

@@ -22,9 +22,9 @@ use crossbeam_epoch::Guard;
 
 use crate::distance::DistanceVisitor;
 use crate::error::Result;
-use crate::graph::VectorRef;
+use crate::graph::{LinksView, SearchView, VectorRef};
 use crate::index::{Hit, Index};
-use crate::scratch::{Scored, Scratch};
+use crate::scratch::{Scored, Scratch, Visited};
 use crate::sync::Ordering;
 
 /// A cap on distance computations for one layer search.
@@ -111,24 +111,7 @@ impl Index {
         visited.insert(current.slot);
         for layer in (lowest..=highest).rev() {
             while let Some(list) = self.graph.links_view(current.slot, layer) {
-                loop {
-                    let version = list.begin();
-                    fresh.clear();
-                    for i in 0..list.len() {
-                        let n = list.id(i);
-                        if visited.insert(n) {
-                            let word = view.cell_word(n);
-                            view.prefetch(word);
-                            fresh.push((n, word));
-                        }
-                    }
-                    if list.validate(version) {
-                        break;
-                    }
-                    for &(n, _) in fresh.iter() {
-                        visited.unmark(n);
-                    }
-                }
+                collect_unvisited(list, &view, visited, fresh);
                 let mut improved = false;
                 for &(n, word) in fresh.iter() {
                     let Some(v) = view.vector_of_word(word) else {
@@ -224,24 +207,7 @@ impl Index {
             let Some(list) = self.graph.links_view(current.slot, layer) else {
                 continue;
             };
-            loop {
-                let version = list.begin();
-                fresh.clear();
-                for i in 0..list.len() {
-                    let n = list.id(i);
-                    if visited.insert(n) {
-                        let word = view.cell_word(n);
-                        view.prefetch(word);
-                        fresh.push((n, word));
-                    }
-                }
-                if list.validate(version) {
-                    break;
-                }
-                for &(n, _) in fresh.iter() {
-                    visited.unmark(n);
-                }
-            }
+            collect_unvisited(list, &view, visited, fresh);
             for &(n, word) in fresh.iter() {
                 let Some(v) = view.vector_of_word(word) else {
                     continue;
@@ -553,6 +519,37 @@ impl Index {
         crate::parallel::map_indexed(queries.len(), threads, |i| {
             self.search(queries[i].as_ref(), k, ef)
         })
+    }
+}
+
+/// Copies the ids of `list` not yet in `visited` into `fresh`, with their
+/// cell words, marking them visited and starting to fetch their vectors.
+/// The ids are read straight from the list under an optimistic read; a
+/// torn read is rolled back (un-visited) and retried.
+#[inline(always)]
+fn collect_unvisited(
+    list: LinksView<'_>,
+    view: &SearchView<'_>,
+    visited: &mut Visited,
+    fresh: &mut Vec<(u32, u32)>,
+) {
+    loop {
+        let version = list.begin();
+        fresh.clear();
+        for i in 0..list.len() {
+            let n = list.id(i);
+            if visited.insert(n) {
+                let word = view.cell_word(n);
+                view.prefetch(word);
+                fresh.push((n, word));
+            }
+        }
+        if list.validate(version) {
+            return;
+        }
+        for &(n, _) in fresh.iter() {
+            visited.unmark(n);
+        }
     }
 }
 

@@ -293,47 +293,12 @@ fn random_bit_flips_and_overwrites_are_rejected() {
 
 // ---- forged files: checksums recomputed, so only validation stands guard ----
 
-const FIXED_LEN: usize = 128;
-const ENTRY_LEN: usize = 32;
-const SECTIONS: usize = 6;
+#[path = "support/forge.rs"]
+mod forge;
+use forge::{reseal, ENTRY_LEN, FIXED_LEN};
 
 fn section_range(bytes: &[u8], index: usize) -> std::ops::Range<usize> {
-    let e = FIXED_LEN + index * ENTRY_LEN;
-    let offset = u64::from_le_bytes(bytes[e + 8..e + 16].try_into().unwrap()) as usize;
-    let len = u64::from_le_bytes(bytes[e + 16..e + 24].try_into().unwrap()) as usize;
-    offset..offset.saturating_add(len)
-}
-
-/// Recomputes every section checksum and the header checksum.
-fn reseal(bytes: &mut [u8]) {
-    for i in 0..SECTIONS {
-        let range = section_range(bytes, i);
-        let Some(section) = bytes.get(range) else {
-            continue; // an edited table entry: only the header is resealed
-        };
-        let crc = crc32c(section);
-        let e = FIXED_LEN + i * ENTRY_LEN;
-        bytes[e + 24..e + 28].copy_from_slice(&crc.to_le_bytes());
-    }
-    let table_end = FIXED_LEN + SECTIONS * ENTRY_LEN;
-    let crc = crc32c(&bytes[..table_end]);
-    bytes[table_end..table_end + 4].copy_from_slice(&crc.to_le_bytes());
-}
-
-/// Bitwise CRC32C (Castagnoli, reflected), independent of the crate's.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
+    forge::section_range(bytes, index).expect("an intact section table")
 }
 
 fn forged(bytes: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> Result<Index, Error> {

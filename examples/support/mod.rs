@@ -3,6 +3,8 @@
 //! (Not part of the library API: included with `#[path]`.)
 #![allow(dead_code)]
 
+pub mod heap;
+
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
