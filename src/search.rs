@@ -200,10 +200,8 @@ impl Index {
         }
 
         while let Some(current) = beam.pop_nearest() {
-            // Collect unvisited neighbours with their cell words and start
-            // fetching their vectors, then score them: the loads overlap.
-            // The ids are consumed straight from the list under an optimistic
-            // read; a torn read is rolled back (un-visited) and retried.
+            // Collect unvisited neighbours and start fetching their
+            // vectors, then score them: the loads overlap.
             let Some(list) = self.graph.links_view(current.slot, layer) else {
                 continue;
             };
