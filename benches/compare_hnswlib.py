@@ -170,7 +170,7 @@ def run_hnswlib(base_p, query_p, gt_p, metric, threads, min_seconds, seed):
 
 
 def run_nann(base_p, query_p, gt_p, metric, threads, min_seconds, seed):
-    exe = os.path.join(ROOT, "target", "release", "examples", "ann_bench")
+    (exe,) = build_examples("ann_bench")
     cmd = [
         exe, "--base", base_p, "--query", query_p, "--gt", gt_p, "--metric", metric,
         "--k", str(K), "--m", "16", "--ef-construction", "200",
@@ -201,6 +201,15 @@ def median_runs(runs):
             "qps": statistics.median(r[i]["qps"] for _, r in runs),
         })
     return build, rows
+
+
+def build_examples(*names):
+    """Builds the named examples (release) and returns their paths, in order."""
+    cmd = ["cargo", "build", "--release", "-q"]
+    for name in names:
+        cmd += ["--example", name]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return [os.path.join(ROOT, "target", "release", "examples", name) for name in names]
 
 
 def best_qps(rows, threshold):
@@ -237,7 +246,7 @@ def main():
     ensure_packages()
     import hnswlib  # noqa: F401
 
-    subprocess.run(["cargo", "build", "--release", "--example", "ann_bench", "-q"], cwd=ROOT, check=True)
+    build_examples("ann_bench")
     try:
         hnswlib_version = subprocess.run(
             [sys.executable, "-m", "pip", "show", "hnswlib"], capture_output=True, text=True

@@ -38,7 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "bench-data")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_hnswlib import ensure_packages, mixture, read_vecs, write_vecs  # noqa: E402
+from compare_hnswlib import build_examples, ensure_packages, mixture, read_vecs, write_vecs  # noqa: E402
 
 DIM, M, EF_C, THREADS, K, EF = 64, 16, 100, 2, 10, 64
 
@@ -87,13 +87,11 @@ def main():
     tag, (base_p, query_p, gt_p) = prepare(args.n)
     nann_path = os.path.join(DATA, f"{tag}.nann")
     hnsw_path = os.path.join(DATA, f"{tag}.hnsw")
-    subprocess.run(["cargo", "build", "--release", "--example", "ann_bench", "--example", "open_bench", "-q"],
-                   cwd=ROOT, check=True)
-    exe = lambda name: os.path.join(ROOT, "target", "release", "examples", name)  # noqa: E731
+    ann_bench, open_bench = build_examples("ann_bench", "open_bench")
 
     builds = {}
     if not os.path.exists(nann_path):
-        out = subprocess.run([exe("ann_bench"), "--base", base_p, "--query", query_p, "--gt", gt_p,
+        out = subprocess.run([ann_bench, "--base", base_p, "--query", query_p, "--gt", gt_p,
                               "--metric", "l2", "--k", str(K), "--m", str(M), "--ef-construction", str(EF_C),
                               "--ef", str(EF), "--threads", str(THREADS), "--json", "--save", nann_path],
                              capture_output=True, text=True, check=True).stdout.splitlines()
@@ -124,7 +122,7 @@ def main():
         h_first.append(time.perf_counter() - t)
         recall_h = float(np.mean([len(set(labels[i]) & set(gt[i][:K])) / K for i in range(len(queries))]))
         del index
-        out = subprocess.run([exe("open_bench"), nann_path, "--query", query_p, "--gt", gt_p, "--json"],
+        out = subprocess.run([open_bench, nann_path, "--query", query_p, "--gt", gt_p, "--json"],
                              capture_output=True, text=True, check=True).stdout.splitlines()
         n_runs.append([json.loads(line) for line in out])
 

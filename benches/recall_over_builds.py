@@ -21,7 +21,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_hnswlib import ensure_packages, read_vecs  # noqa: E402
+from compare_hnswlib import build_examples, ensure_packages, read_vecs  # noqa: E402
 
 SIFT = os.path.join(ROOT, "..", "shared", "data", "siftsmall", "siftsmall")
 
@@ -35,8 +35,7 @@ def main():
     ensure_packages()
     import hnswlib
 
-    subprocess.run(["cargo", "build", "--release", "--example", "ann_bench", "-q"], cwd=ROOT, check=True)
-    exe = os.path.join(ROOT, "target", "release", "examples", "ann_bench")
+    (exe,) = build_examples("ann_bench")
     efs = [int(e) for e in args.efs.split(",")]
     base = read_vecs(SIFT + "_base.fvecs", np.float32)
     queries = read_vecs(SIFT + "_query.fvecs", np.float32)
