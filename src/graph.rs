@@ -727,7 +727,7 @@ impl Graph {
                     level0.extend(record[2..].iter().map(|w| w.load(Ordering::Relaxed)));
                     // Neighbour order carries no meaning; sorted lists let
                     // the validator of an opened file rule out duplicates
-                    // with one comparison per id (invariants.rs, pass 2).
+                    // with one comparison per id (`persist::check_structure`).
                     let degree = ((meta & DEGREE_MASK) as usize).min(self.m0);
                     level0[ids..ids + degree].sort_unstable();
                 }
@@ -751,7 +751,13 @@ impl Graph {
             match block {
                 Some(block) => {
                     upper.push(block.level as u32);
+                    let start = upper.len();
                     upper.extend(block.words().iter().map(|w| w.load(Ordering::Relaxed)));
+                    // Sorted, as on layer 0 (see above).
+                    for list in upper[start..].chunks_exact_mut(1 + self.m) {
+                        let degree = ((list[0] & DEGREE_MASK) as usize).min(self.m);
+                        list[1..1 + degree].sort_unstable();
+                    }
                 }
                 None => upper.push(0),
             }

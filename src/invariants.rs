@@ -13,10 +13,21 @@
 //! | I7 | the key map is a bijection onto the live slots (each key's slot holds that key) |
 //! | I8 | removed slots are not in the key map (part of I7's check) |
 //! | I9 | every live node is reachable from the entry point on layer 0 |
-//! | I11 | every stored vector is finite |
 //! | I12 | the entry point is the anchor tree's root; every other node's anchor links it on layer 0 |
 //!
 //! (I10, "in-degree >= 1", is implied by I9 for every node but the entry.)
+//!
+//! I11, "every stored vector is finite", is a check of its own,
+//! [`Index::check_vectors`]: it is about the data, not the graph. `insert`
+//! and `update` reject non-finite values, so an index built in memory always
+//! passes it; for a file it is a content check like the section checksums,
+//! and it is the one invariant that reads every vector, most of a file's
+//! bytes, so [`Index::open`] leaves it (and the checksums) to the caller
+//! while `open_untrusted` / `from_bytes` run both. A non-finite stored
+//! vector cannot make a search unsafe, panic or loop (each node is scored at
+//! most once per search, every index stays in bounds, and results are
+//! sorted with `total_cmp`): its distances are NaN, so it only ranks that
+//! entry wrongly and may come back with a NaN distance.
 //!
 //! I9 is proved through I12 rather than searched for: if every node's
 //! anchor links it and anchors lead from every node to the entry point
@@ -35,19 +46,148 @@ use crate::sync::Ordering;
 #[cfg_attr(loom, allow(dead_code))]
 pub(crate) enum KeyLookups {
     Verify,
-    /// The key map was just filled from the slots (see `persist::load`).
+    /// The key map was just filled from exactly the live slots, a key seen
+    /// twice rejected (see `persist::load`): the mapped slots are the live
+    /// ones and each key looks up to its slot by construction, so only the
+    /// counts are compared.
     TrustFreshMap,
 }
 
-/// Pass 1's findings over one slot range.
-struct Pass1 {
-    /// Bit `i` for slot `range.start + i`.
+/// Per-slot facts the invariant passes need, over a slot range (a piece)
+/// or a whole index: pass 1 gathers them from the graph; a validated open
+/// gathers them from the file's arrays in its structure pass (see
+/// `persist::check_structure`), checking each layer-0 list there too while
+/// its record is in cache, so the invariant check need not read every
+/// record again.
+pub(crate) struct SlotSummary {
+    /// Bit `i` for slot `start + i` (pieces start at multiples of 64, so
+    /// they join by concatenation).
     allocated: Vec<u64>,
     levels: Vec<u8>,
-    /// Bit `i` for a live slot `range.start + i`.
+    /// Bit `i` for a live slot `start + i`.
     live: Vec<u64>,
     live_count: usize,
     max_level: Option<usize>,
+    /// Bit `i`: slot `start + i`'s layer-0 list passed [`sorted_list_ok`]
+    /// (I1-I3 hold for it once every slot is known to be allocated). All
+    /// zero when the lists were not looked at.
+    layer0_checked: Vec<u64>,
+    /// Every upper-layer list passed [`sorted_upper_list_ok`] (so I1-I5
+    /// hold for all of them once every slot is known to be allocated).
+    upper_checked: bool,
+}
+
+impl SlotSummary {
+    /// Nothing recorded yet, for `len` slots.
+    pub(crate) fn new(len: usize) -> Self {
+        let words = len.div_ceil(64);
+        Self {
+            allocated: vec![0; words],
+            levels: vec![0; len],
+            live: vec![0; words],
+            live_count: 0,
+            max_level: None,
+            layer0_checked: vec![0; words],
+            upper_checked: false,
+        }
+    }
+
+    /// Records slot `start + i`, published with cell word `word` (not
+    /// `NO_CELL`) at `level`.
+    #[inline]
+    pub(crate) fn note(&mut self, i: usize, word: u32, level: usize) {
+        self.allocated[i / 64] |= 1 << (i % 64);
+        self.levels[i] = level as u8;
+        self.max_level = Some(self.max_level.map_or(level, |m| m.max(level)));
+        if word & TOMBSTONE == 0 {
+            self.live[i / 64] |= 1 << (i % 64);
+            self.live_count += 1;
+        }
+    }
+
+    /// Records that slot `start + i`'s layer-0 list passed [`sorted_list_ok`].
+    #[inline]
+    #[cfg_attr(loom, allow(dead_code))]
+    pub(crate) fn note_layer0_checked(&mut self, i: usize) {
+        self.layer0_checked[i / 64] |= 1 << (i % 64);
+    }
+
+    /// Records that every upper-layer list passed [`sorted_upper_list_ok`].
+    #[cfg_attr(loom, allow(dead_code))]
+    pub(crate) fn note_upper_checked(&mut self) {
+        self.upper_checked = true;
+    }
+
+    /// The level recorded for slot `start + i` (0 if none was).
+    #[cfg_attr(loom, allow(dead_code))]
+    pub(crate) fn level(&self, i: usize) -> usize {
+        self.levels.get(i).map_or(0, |&l| l as usize)
+    }
+
+    /// Live slots recorded.
+    #[cfg_attr(loom, allow(dead_code))]
+    pub(crate) fn live_count(&self) -> usize {
+        self.live_count
+    }
+
+    /// Whether any slot was recorded.
+    #[cfg_attr(loom, allow(dead_code))]
+    pub(crate) fn any_allocated(&self) -> bool {
+        self.allocated.iter().any(|&w| w != 0)
+    }
+
+    /// The pieces of consecutive ranges, in slot order, as one summary.
+    pub(crate) fn join(pieces: impl IntoIterator<Item = Self>, n: usize) -> Self {
+        let mut all = Self {
+            allocated: Vec::with_capacity(n.div_ceil(64)),
+            levels: Vec::with_capacity(n),
+            live: Vec::with_capacity(n.div_ceil(64)),
+            live_count: 0,
+            max_level: None,
+            layer0_checked: Vec::with_capacity(n.div_ceil(64)),
+            upper_checked: false,
+        };
+        for piece in pieces {
+            all.allocated.extend_from_slice(&piece.allocated);
+            all.levels.extend_from_slice(&piece.levels);
+            all.live.extend_from_slice(&piece.live);
+            all.live_count += piece.live_count;
+            all.max_level = all.max_level.max(piece.max_level);
+            all.layer0_checked.extend_from_slice(&piece.layer0_checked);
+        }
+        all
+    }
+}
+
+/// The fast test of `slot`'s list `ids` on upper layer `layer`, for an index
+/// whose `slots` slots are all allocated, at `level_of` each: as
+/// [`sorted_list_ok`], and every id at a level of at least `layer` (I5).
+#[inline]
+#[cfg_attr(loom, allow(dead_code))]
+pub(crate) fn sorted_upper_list_ok(
+    ids: &[u32],
+    slot: u32,
+    slots: u32,
+    layer: usize,
+    level_of: impl Fn(u32) -> usize,
+) -> bool {
+    sorted_list_ok(ids, slot, slots) && ids.iter().all(|&n| level_of(n) >= layer)
+}
+
+/// The fast test of a layer-0 list `ids` of `slot`, for an index whose
+/// `slots` slots are all allocated: every id in range and not `slot`, and
+/// the ids strictly ascending (so no duplicate). `save` writes every list
+/// sorted, so an opened file's lists pass with one comparison per id; the
+/// folds have no early exit so they vectorise. A list that fails takes the
+/// exact path of pass 2, which names the fault.
+#[inline]
+pub(crate) fn sorted_list_ok(ids: &[u32], slot: u32, slots: u32) -> bool {
+    let in_range = ids
+        .iter()
+        .fold(true, |ok, &n| ok & (n < slots) & (n != slot));
+    let tail = ids.get(1..).unwrap_or(&[]);
+    let ascending = ids.iter().zip(tail).fold(true, |ok, (a, b)| ok & (a < b));
+    in_range && ascending
 }
 
 /// Slots below which the check runs on the caller's thread alone: starting
@@ -63,7 +203,10 @@ const PARALLEL_FROM: usize = 128;
 /// in range order. The check is a read-only pass over the whole index, and
 /// on a freshly opened file it is most of `Index::open`'s time, so it uses
 /// every core.
-fn split_slots<R: Send>(n: usize, f: impl Fn(std::ops::Range<usize>) -> R + Sync) -> Vec<R> {
+pub(crate) fn split_slots<R: Send>(
+    n: usize,
+    f: impl Fn(std::ops::Range<usize>) -> R + Sync,
+) -> Vec<R> {
     let workers = crate::parallel::pass_workers(n, PARALLEL_FROM);
     let per = n.div_ceil(workers.max(1)).next_multiple_of(64).max(64);
     let ranges: Vec<std::ops::Range<usize>> = (0..n.max(1))
@@ -97,7 +240,43 @@ impl Index {
     /// # Ok::<(), nann::Error>(())
     /// ```
     pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
-        self.check_invariants_with(KeyLookups::Verify)
+        self.check_invariants_with(KeyLookups::Verify, None)
+    }
+
+    /// I11: every stored vector is finite (see the module docs for why this
+    /// is not part of [`Index::check_invariants`]). Returns the first
+    /// offending slot. It reads every vector once, on every core for
+    /// indexes of 2^17 slots or more; writers keep running (each vector is
+    /// read whole, old or new, under the epoch guard).
+    ///
+    /// An index built in memory always passes (`insert` and `update` reject
+    /// non-finite values); run it on an index opened with
+    /// [`Index::open`] from a file you did not write, beside
+    /// [`Index::verify_checksums`].
+    ///
+    /// ```
+    /// use nann::{Index, IndexParams, Metric};
+    /// let index = Index::new(IndexParams::new(2, Metric::L2))?;
+    /// index.insert(1, &[0.5, -2.0])?;
+    /// index.check_vectors().expect("insert only takes finite values");
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn check_vectors(&self) -> Result<(), InvariantViolation> {
+        let n = self.next_slot.load(Ordering::Acquire);
+        split_slots(n, |range| {
+            let guard = self.pin();
+            for slot in range.start as u32..range.end as u32 {
+                if let Some(v) = self.graph.vector(slot, &guard) {
+                    // A fold without early exit vectorises.
+                    if !v.vector.iter().fold(true, |ok, x| ok & x.is_finite()) {
+                        return Err(InvariantViolation::NonFiniteVector { slot });
+                    }
+                }
+            }
+            Ok(())
+        })
+        .into_iter()
+        .collect()
     }
 
     /// [`Index::check_invariants`], optionally trusting that every key in
@@ -108,60 +287,43 @@ impl Index {
     pub(crate) fn check_invariants_with(
         &self,
         lookups: KeyLookups,
+        known: Option<SlotSummary>,
     ) -> Result<(), InvariantViolation> {
         let _quiescent = self.writer_gate.write();
         let slots = self.next_slot.load(Ordering::Acquire) as u32;
         let n = slots as usize;
 
         // Pass 1, per slot: allocated (a bitset: it stays cache-resident for
-        // the random lookups of pass 2), level, live slots, I11. Each worker
+        // the random lookups of pass 2), level, live slots. Each worker
         // fills its own piece (ranges are multiples of 64 slots, so pieces
         // are whole bitset words); the pieces are joined in slot order.
-        let pieces = split_slots(n, |range| {
-            let guard = self.pin();
-            let mut piece = Pass1 {
-                allocated: vec![0u64; range.len().div_ceil(64)],
-                levels: vec![0u8; range.len()],
-                live: vec![0u64; range.len().div_ceil(64)],
-                live_count: 0,
-                max_level: None,
-            };
-            for slot in range.start as u32..range.end as u32 {
-                let word = self.graph.cell_word(slot);
-                if word == NO_CELL {
-                    continue; // never published (e.g. an allocation that failed)
-                }
-                let i = slot as usize - range.start;
-                piece.allocated[i / 64] |= 1 << (i % 64);
-                let level = self.graph.level(slot);
-                piece.levels[i] = level as u8;
-                piece.max_level = Some(piece.max_level.map_or(level, |m: usize| m.max(level)));
-                if word & TOMBSTONE == 0 {
-                    piece.live[i / 64] |= 1 << (i % 64);
-                    piece.live_count += 1;
-                }
-                if let Some(v) = self.graph.vector(slot, &guard) {
-                    // A fold without early exit vectorises.
-                    if !v.vector.iter().fold(true, |ok, x| ok & x.is_finite()) {
-                        return Err(InvariantViolation::NonFiniteVector { slot });
+        // Skipped when the caller gathered them already (a validated open).
+        let summary = match known {
+            Some(known) if known.levels.len() == n => known,
+            _ => {
+                let pieces = split_slots(n, |range| {
+                    let mut piece = SlotSummary::new(range.len());
+                    for slot in range.start as u32..range.end as u32 {
+                        let word = self.graph.cell_word(slot);
+                        if word == NO_CELL {
+                            continue; // never published (e.g. an allocation that failed)
+                        }
+                        piece.note(slot as usize - range.start, word, self.graph.level(slot));
                     }
-                }
+                    piece
+                });
+                SlotSummary::join(pieces, n)
             }
-            Ok(piece)
-        });
-        let mut allocated = Vec::with_capacity(n.div_ceil(64));
-        let mut levels = Vec::with_capacity(n);
-        let mut live = Vec::with_capacity(n.div_ceil(64));
-        let mut live_count = 0;
-        let mut max_level: Option<usize> = None;
-        for piece in pieces {
-            let piece = piece?;
-            allocated.extend_from_slice(&piece.allocated);
-            levels.extend_from_slice(&piece.levels);
-            live.extend_from_slice(&piece.live);
-            live_count += piece.live_count;
-            max_level = max_level.max(piece.max_level);
-        }
+        };
+        let SlotSummary {
+            allocated,
+            levels,
+            live,
+            live_count,
+            max_level,
+            layer0_checked,
+            upper_checked,
+        } = summary;
         let is_live = |s: u32| {
             live.get(s as usize / 64)
                 .is_some_and(|w| w & (1 << (s % 64)) != 0)
@@ -192,12 +354,27 @@ impl Index {
         };
         for outcome in split_slots(n, |range| {
             let mut marks = vec![0u64; n.div_ceil(64)];
-            let mut copied = [0u32; 128];
             for slot in range.start as u32..range.end as u32 {
                 if !is_allocated(slot) {
                     continue;
                 }
-                for layer in 0..=levels[slot as usize] as usize {
+                // A layer-0 list the caller checked already (a validated
+                // open's structure pass), valid once every slot is allocated.
+                let layer0_done = all_allocated
+                    && layer0_checked
+                        .get(slot as usize / 64)
+                        .is_some_and(|w| w & (1 << (slot % 64)) != 0);
+                let level = levels[slot as usize] as usize;
+                // Upper lists the caller checked already, likewise.
+                let top = if all_allocated && upper_checked {
+                    0
+                } else {
+                    level
+                };
+                if layer0_done && top == 0 {
+                    continue;
+                }
+                for layer in usize::from(layer0_done)..=top {
                     let Some((degree, ids)) = self.graph.list_quiescent(slot, layer) else {
                         continue;
                     };
@@ -211,24 +388,19 @@ impl Index {
                         });
                     }
                     let ids = &ids[..degree];
-                    // Fast path for a saved file's layer-0 list: copy the
-                    // ids out (one relaxed load each; atomics do not
-                    // vectorise), then test range, self-loop and strict
-                    // ascent (so I1-I3; I5 is moot on layer 0) with folds
-                    // that do. Anything else takes the exact loop below,
-                    // which also names the fault.
-                    if layer == 0 && all_allocated && degree <= copied.len() {
-                        let copied = &mut copied[..degree];
-                        for (to, id) in copied.iter_mut().zip(ids) {
-                            // Relaxed: ordered after every write by the writer gate.
-                            *to = id.load(Ordering::Relaxed);
-                        }
-                        let in_range = copied
-                            .iter()
-                            .fold(true, |ok, &n| ok & (n < slots) & (n != slot));
-                        let ascending = copied.windows(2).fold(true, |ok, w| ok & (w[0] < w[1]));
-                        if in_range && ascending {
-                            continue;
+                    // Fast path for a sorted layer-0 list (I1-I3; I5 is
+                    // moot on layer 0), over the ids read as plain integers:
+                    // atomic loads do not vectorise. Anything else takes
+                    // the exact loop below, which also names the fault.
+                    if layer == 0 && all_allocated {
+                        // SAFETY: `_quiescent` holds the writer gate
+                        // exclusively, and every list write happens under it
+                        // (shared), so nothing writes these ids while the
+                        // view lives; searches only read them.
+                        if let Some(plain) = unsafe { crate::sync::as_plain(ids) } {
+                            if sorted_list_ok(plain, slot, slots) {
+                                continue;
+                            }
                         }
                     }
                     // Set once the list turns out not to be ascending: from
@@ -323,58 +495,20 @@ impl Index {
 
         // I7 / I8: the mapped slots are exactly the live ones, each once
         // (bitsets, no sort, no list of slots), and each key looks up to
-        // its slot.
-        let mut marks = vec![0u64; n.div_ceil(64)];
-        let mut mapped = 0usize;
-        let mut fault = None;
-        let mut to_look_up = Vec::new();
-        self.key_map().for_each_slot(|slot| {
-            if fault.is_some() {
-                return;
-            }
-            mapped += 1;
-            if !is_live(slot) {
-                fault = Some(format!(
-                    "slot {slot} is mapped but not live ({live_count} live slots)"
-                ));
-                return;
-            }
-            let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
-            if marks[word] & bit != 0 {
-                fault = Some(format!("slot {slot} is mapped by two keys"));
-                return;
-            }
-            marks[word] |= bit;
-            if lookups == KeyLookups::Verify {
-                to_look_up.push(slot);
-            }
-        });
-        if let Some(reason) = fault {
-            return Err(InvariantViolation::KeyMap { reason });
-        }
-        // After the walk: a lookup takes a shard's lock, which the walk
-        // holds.
-        for slot in to_look_up {
-            let key = self.key_at(slot);
-            if self.slot_of(key) != Some(slot) {
+        // its slot. A map filled from the live slots just now holds them by
+        // construction (`KeyLookups::TrustFreshMap`): the counts suffice.
+        if lookups == KeyLookups::TrustFreshMap {
+            let mapped = self.key_map().len();
+            if mapped != live_count || self.len() != live_count {
                 return Err(InvariantViolation::KeyMap {
-                    reason: format!("key {key} stored at slot {slot} does not look up to it"),
+                    reason: format!(
+                        "{mapped} mapped keys, len() {}, {live_count} live slots",
+                        self.len()
+                    ),
                 });
             }
-        }
-        if mapped != live_count {
-            let missing =
-                (0..slots).find(|&s| is_live(s) && marks[s as usize / 64] & (1 << (s % 64)) == 0);
-            return Err(InvariantViolation::KeyMap {
-                reason: format!(
-                    "{mapped} mapped slots vs {live_count} live slots (live but unmapped: {missing:?})"
-                ),
-            });
-        }
-        if self.len() != live_count {
-            return Err(InvariantViolation::KeyMap {
-                reason: format!("len() is {} but {live_count} slots are live", self.len()),
-            });
+        } else {
+            self.check_key_map(live_count, slots, &is_live)?;
         }
 
         // I12, which proves I9: every allocated node but the entry point has
@@ -471,6 +605,68 @@ impl Index {
                 return Err(violation);
             }
             return Err(InvariantViolation::Anchor { slot, reason });
+        }
+        Ok(())
+    }
+
+    /// I7 / I8 in full: walks the key map (every mapped slot live, none
+    /// twice, as many as the live slots) and looks every key up.
+    fn check_key_map(
+        &self,
+        live_count: usize,
+        slots: u32,
+        is_live: &dyn Fn(u32) -> bool,
+    ) -> Result<(), InvariantViolation> {
+        let n = slots as usize;
+        let mut marks = vec![0u64; n.div_ceil(64)];
+        let mut mapped = 0usize;
+        let mut fault = None;
+        let mut to_look_up = Vec::new();
+        self.key_map().for_each_slot(|slot| {
+            if fault.is_some() {
+                return;
+            }
+            mapped += 1;
+            if !is_live(slot) {
+                fault = Some(format!(
+                    "slot {slot} is mapped but not live ({live_count} live slots)"
+                ));
+                return;
+            }
+            let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
+            if marks[word] & bit != 0 {
+                fault = Some(format!("slot {slot} is mapped by two keys"));
+                return;
+            }
+            marks[word] |= bit;
+            to_look_up.push(slot);
+        });
+        if let Some(reason) = fault {
+            return Err(InvariantViolation::KeyMap { reason });
+        }
+        // After the walk: a lookup takes a shard's lock, which the walk
+        // holds.
+        for slot in to_look_up {
+            let key = self.key_at(slot);
+            if self.slot_of(key) != Some(slot) {
+                return Err(InvariantViolation::KeyMap {
+                    reason: format!("key {key} stored at slot {slot} does not look up to it"),
+                });
+            }
+        }
+        if mapped != live_count {
+            let missing =
+                (0..slots).find(|&s| is_live(s) && marks[s as usize / 64] & (1 << (s % 64)) == 0);
+            return Err(InvariantViolation::KeyMap {
+                reason: format!(
+                    "{mapped} mapped slots vs {live_count} live slots (live but unmapped: {missing:?})"
+                ),
+            });
+        }
+        if self.len() != live_count {
+            return Err(InvariantViolation::KeyMap {
+                reason: format!("len() is {} but {live_count} slots are live", self.len()),
+            });
         }
         Ok(())
     }
@@ -694,9 +890,12 @@ mod tests {
         let node = index.graph.lock_node(slot).unwrap();
         index.graph.publish_cell(&node, cell);
         drop(node);
+        // Not a graph invariant: `check_invariants` passes, `check_vectors`
+        // names the slot.
+        index.check_invariants().unwrap();
         assert!(matches!(
-            index.check_invariants(),
-            Err(InvariantViolation::NonFiniteVector { .. })
+            index.check_vectors(),
+            Err(InvariantViolation::NonFiniteVector { slot: s }) if s == slot
         ));
     }
 
@@ -728,7 +927,7 @@ mod tests {
             drop(node);
             assert!(
                 matches!(
-                    index.check_invariants(),
+                    index.check_vectors(),
                     Err(InvariantViolation::NonFiniteVector { slot: s }) if s == slot
                 ),
                 "slot {slot}"

@@ -177,13 +177,17 @@ impl KeyMap {
                 let Some(table) = tables[(hash >> 40) as usize % SHARDS].as_mut() else {
                     continue;
                 };
-                if table.find(hash, |&s| key_of(s) == key).is_some() {
-                    if duplicates == Duplicates::Reject {
-                        return Err(key);
+                // One probe finds the key or the place to put it.
+                match table.entry(hash, |&s| key_of(s) == key, |&s| self.hash(key_of(s))) {
+                    hashbrown::hash_table::Entry::Occupied(_) => {
+                        if duplicates == Duplicates::Reject {
+                            return Err(key);
+                        }
                     }
-                    continue;
+                    hashbrown::hash_table::Entry::Vacant(place) => {
+                        place.insert(slot);
+                    }
                 }
-                table.insert_unique(hash, slot, |&s| self.hash(key_of(s)));
             }
             Ok(())
         });
@@ -217,6 +221,12 @@ impl KeyMap {
             Ok(entry) => Some(entry.remove().0),
             Err(_) => None,
         }
+    }
+
+    /// Mapped keys, summed over the shards (each read under its lock).
+    #[cfg_attr(loom, allow(dead_code))]
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|shard| shard.0.read().len()).sum()
     }
 
     /// Calls `f` on every mapped slot, shard by shard (each shard's lock

@@ -115,3 +115,33 @@ impl Backoff {
         }
     }
 }
+
+/// Views atomic words as plain integers, so a pass that runs while no
+/// thread can write them reads them with ordinary (vectorisable) loads;
+/// atomic loads are never merged or vectorised. `None` under loom, whose
+/// atomics are not plain words: callers then take their atomic path.
+///
+/// # Safety
+///
+/// No thread may write any of `words` while the returned slice is alive
+/// (concurrent *reads*, atomic or not, are fine: reads never race).
+#[cfg(not(loom))]
+#[inline]
+pub(crate) unsafe fn as_plain(words: &[AtomicU32]) -> Option<&[u32]> {
+    // SAFETY: `AtomicU32` has the size, alignment and bit validity of `u32`
+    // (documented by std), so the words are valid `u32`s in place, for as
+    // long as `words` is borrowed; the caller guarantees that nothing
+    // writes them meanwhile, so these plain reads cannot race.
+    Some(unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u32>(), words.len()) })
+}
+
+/// See the non-loom version.
+///
+/// # Safety
+///
+/// None needed: this version views nothing.
+#[cfg(loom)]
+#[inline]
+pub(crate) unsafe fn as_plain(_words: &[AtomicU32]) -> Option<&[u32]> {
+    None
+}

@@ -434,6 +434,149 @@ fn forged_files_with_valid_checksums_are_rejected() {
     }
 }
 
+/// Upper-layer lists are saved sorted too, and `open` checks them block by
+/// block with the fast test (range, self-loop, ascent, level of each id);
+/// each forgery below breaks one of those and must still be named exactly.
+#[test]
+fn forged_ids_in_sorted_upper_lists_are_caught_one_by_one() {
+    let m = 4usize;
+    let index = churned_index(600, 4, m, Metric::L2);
+    let bytes = saved_bytes(&index, "sorted-upper.nann");
+    let stride = 2 + 2 * m;
+    let level0 = section_range(&bytes, 0).start;
+    let upper = section_range(&bytes, 3);
+    let word = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let slots = u64::from_le_bytes(bytes[48..56].try_into().unwrap()) as usize;
+    // Owner and level of each block, from the level-0 records' references.
+    let mut owner = std::collections::HashMap::new();
+    let mut level_of = vec![0usize; slots];
+    let mut blocks = Vec::new(); // (byte offset of the block's level word, level)
+    let mut at = upper.start;
+    for _ in 0..nann::FileInfo::read(&bytes).unwrap().upper_blocks {
+        let level = word(&bytes, at) as usize;
+        blocks.push((at, level));
+        at += 4 * (1 + level * (1 + m));
+    }
+    assert!(at <= upper.end);
+    for (slot, level) in level_of.iter_mut().enumerate() {
+        let index = (word(&bytes, level0 + slot * stride * 4 + 4) >> 9) as usize;
+        if index > 0 {
+            owner.insert(index - 1, slot as u32);
+            *level = blocks[index - 1].1;
+        }
+    }
+    // Every saved upper list ascends; pick a layer-1 list with >= 2 ids.
+    let mut target = None;
+    for (b, &(at, level)) in blocks.iter().enumerate() {
+        for layer in 1..=level {
+            let list = at + 4 + 4 * (layer - 1) * (1 + m);
+            let degree = (word(&bytes, list) & 0x1ff) as usize;
+            let ids: Vec<u32> = (0..degree)
+                .map(|i| word(&bytes, list + 4 + 4 * i))
+                .collect();
+            assert!(
+                ids.windows(2).all(|w| w[0] < w[1]),
+                "block {b} layer {layer}: {ids:?}"
+            );
+            if layer == 1 && degree >= 2 && target.is_none() {
+                target = Some((owner[&b], list, ids));
+            }
+        }
+    }
+    let (slot, list, ids) = target.expect("an upper list with two ids");
+    let id_at = |i: usize| list + 4 + 4 * i;
+    let violation = |r: Result<Index, Error>| match r {
+        Err(Error::Format(FormatError::Invariant(v))) => v,
+        other => panic!("expected an invariant violation, got {:?}", other.err()),
+    };
+    let last = ids.len() - 1;
+    // Out of range, still ascending.
+    let v = violation(forged(&bytes, |b| u32_at(b, id_at(last), slots as u32)));
+    assert!(
+        matches!(v, InvariantViolation::NeighbourOutOfRange { layer: 1, .. }),
+        "{v:?}"
+    );
+    // A duplicate.
+    let v = violation(forged(&bytes, |b| u32_at(b, id_at(1), ids[0])));
+    assert!(
+        matches!(v, InvariantViolation::DuplicateNeighbour { layer: 1, .. }),
+        "{v:?}"
+    );
+    // A self-loop.
+    let v = violation(forged(&bytes, |b| u32_at(b, id_at(last), slot)));
+    assert!(
+        matches!(v, InvariantViolation::SelfLoop { layer: 1, .. }),
+        "{v:?}"
+    );
+    // A level-0 node on layer 1, placed so the list still ascends.
+    let low = (ids[last - 1] + 1..slots as u32)
+        .find(|&s| level_of[s as usize] == 0 && s != slot)
+        .expect("a level-0 slot above the list's ids");
+    let v = violation(forged(&bytes, |b| u32_at(b, id_at(last), low)));
+    assert!(
+        matches!(v, InvariantViolation::AboveLevel { layer: 1, .. }),
+        "{v:?}"
+    );
+}
+
+/// A file whose vectors hold NaN and infinities (checksums resealed, so
+/// only the content is wrong): `open` does not read vectors and accepts it;
+/// the index stays safe to use (searches terminate with k answers, writes
+/// work, the graph invariants hold), `check_vectors` names the first bad
+/// slot, and `from_bytes` / `open_untrusted`, which run it, reject the file.
+#[test]
+fn non_finite_vectors_are_a_content_check_not_a_safety_one() {
+    let dim = 4;
+    let index = churned_index(400, dim, 4, Metric::L2);
+    let bytes = saved_bytes(&index, "nan-source.nann");
+    let vectors = section_range(&bytes, 4).start;
+    let mut b = bytes.clone();
+    // Cells 3, 40, 41 and 200: NaN, +inf, -inf, NaN in various components.
+    for (cell, component, value) in [
+        (3usize, 0usize, f32::NAN),
+        (40, 1, f32::INFINITY),
+        (41, 3, f32::NEG_INFINITY),
+        (200, 2, f32::NAN),
+    ] {
+        u32_at(
+            &mut b,
+            vectors + 4 * (cell * dim + component),
+            value.to_bits(),
+        );
+    }
+    reseal(&mut b);
+    assert!(matches!(
+        Index::from_bytes(&b),
+        Err(Error::Format(FormatError::Invariant(
+            InvariantViolation::NonFiniteVector { .. }
+        )))
+    ));
+    let path = temp_path("nan.nann");
+    std::fs::write(&path, &b).unwrap();
+    assert!(Index::open_untrusted(&path).is_err());
+    let opened = Index::open(&path).expect("open does not read vectors");
+    opened.check_invariants().unwrap();
+    assert!(matches!(
+        opened.check_vectors(),
+        Err(InvariantViolation::NonFiniteVector { .. })
+    ));
+    let mut next = rng(77);
+    for _ in 0..200 {
+        let hits = opened
+            .search(&random_vector(&mut next, dim), 10, 32)
+            .unwrap();
+        assert_eq!(hits.len(), 10);
+    }
+    for key in 1000..1100u64 {
+        opened.insert(key, &random_vector(&mut next, dim)).unwrap();
+    }
+    for key in (1..400u64).filter(|k| opened.contains(*k)).step_by(3) {
+        opened.update(key, &random_vector(&mut next, dim)).unwrap();
+    }
+    opened.check_invariants().unwrap();
+    std::fs::remove_file(&path).unwrap();
+}
+
 /// `save` writes every layer-0 list sorted, and `open` checks such a list
 /// with vectorised folds (range, self-loop, strict ascent). These forgeries
 /// break exactly one of those and nothing else: the edited id is one the

@@ -41,6 +41,8 @@
 //! 5. The index is built and [`Index::check_invariants`] runs on it (rkyv
 //!    does not know what a neighbour id or an anchor is); only an index that
 //!    passes is returned.
+//! 6. Every stored vector finite ([`Index::check_vectors`]): with step 2, by
+//!    [`Index::open_untrusted`] and [`Index::from_bytes`].
 //!
 //! A damaged or hostile file gives an [`Error::Format`], never a panic.
 //! Checksums are not authentication: validation does not rely on them
@@ -67,13 +69,16 @@
 //! of that page: the file never changes, and memory grows only with the pages
 //! actually written. `open_untrusted` does the same over an aligned heap copy.
 //!
-//! Why checksums are not part of [`Index::open`]: they are the one check that
-//! must read every byte, vectors included (most of the file), and they guard
-//! against silent media damage, not against crashes or hostile structure:
-//! steps 3-5 already make every file safe to serve. A service that wants the
+//! Why checksums and finite vectors are not part of [`Index::open`]: they are
+//! the checks that read the vectors (most of the file: 256 of 394 MiB for
+//! 1M x 64, and page faults, not arithmetic, are most of a mapped open's
+//! cost), and they are about the data, not the structure: a flipped bit in
+//! a vector or a NaN cannot make a search unsafe, panic or loop, while
+//! steps 3-5 rule out everything that could. A service that wants the
 //! guarantee calls [`Index::verify_checksums`] (one CRC32C pass over a
 //! read-only view of the file, ~38 ms for a 394 MiB file on the benchmark
-//! machine) when it can afford it; [`Index::open_untrusted`] always checks.
+//! machine) and [`Index::check_vectors`] when it can afford them;
+//! [`Index::open_untrusted`] always runs both.
 //!
 //! # Where a validated open spends its time
 //!
@@ -120,6 +125,7 @@ use std::ptr::NonNull;
 
 use crate::graph::{BorrowedArrays, Graph, GraphImport, MAX_LEVEL, NO_CELL, TOMBSTONE};
 use crate::index::Index;
+use crate::invariants::SlotSummary;
 use crate::keymap::KeyMap;
 use crate::params::IndexParams;
 use crate::sync::Ordering;
@@ -350,12 +356,15 @@ impl Index {
     /// then every invariant of [`Index::check_invariants`]. A damaged or
     /// hostile file gives [`Error::Format`], never a panic.
     ///
-    /// Section checksums are *not* computed here: hashing every byte of the
-    /// file (vectors included) would cost more than everything else `open`
-    /// does, and the checks above already make any file safe to serve. Call
-    /// [`verify_checksums`](Self::verify_checksums) to detect silent damage
-    /// to the vector data (a flipped bit in a vector is structurally valid),
-    /// or use [`open_untrusted`](Self::open_untrusted), which checks them too.
+    /// Two *content* checks are not made here, because they are the two that
+    /// read the vectors, most of the file's bytes, and the checks above
+    /// already make any file safe to serve: the section checksums
+    /// ([`verify_checksums`](Self::verify_checksums): silent media damage;
+    /// a flipped bit in a vector is structurally valid) and the finiteness of
+    /// every stored vector ([`check_vectors`](Self::check_vectors): a NaN
+    /// written by a hostile or buggy writer only ranks its own entry
+    /// wrongly). Call them when the file may be damaged or hostile, or use
+    /// [`open_untrusted`](Self::open_untrusted), which runs both.
     ///
     /// # The mapping contract
     ///
@@ -456,9 +465,10 @@ impl Index {
 /// What to check before an index is built over a file's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Check {
-    /// Everything, section checksums included.
+    /// Everything, section checksums and finite vectors included.
     All,
-    /// Everything but the section checksums (see [`Index::open`]).
+    /// Everything but the content checks, section checksums and finite
+    /// vectors (see [`Index::open`]).
     Structure,
     /// The header only (see [`Index::open_unchecked`]).
     Nothing,
@@ -545,11 +555,12 @@ fn load(mut backing: Backing, check: Check, origin: Option<memmap2::Mmap>) -> Re
     } else {
         Sections::access(&header, file)?
     };
-    let layout = check_structure(&header, &sections, check != Check::Nothing)?;
+    let mut layout = check_structure(&header, &sections, check != Check::Nothing)?;
     let Some(offsets) = sections.borrowable(file) else {
         let index = restore_by_copy(&header, &layout, &sections)?;
-        return finish(index, check, origin);
+        return finish(index, check, origin, None);
     };
+    let summary = layout.summary.take();
     // Upper blocks: used in place (byte offset and word count of each) when
     // the section is a native view of the file, else copied now.
     let upper_in_place = sections.upper_in_place(file, &layout.upper_blocks);
@@ -607,13 +618,18 @@ fn load(mut backing: Backing, check: Check, origin: Option<memmap2::Mmap>) -> Re
     };
     graph.import_upper(upper, entry)?;
     let index = Index::from_graph(params, graph, KeyMap::deferred())?;
-    let mut free = Vec::new();
-    for slot in 0..slots as u32 {
-        let word = index.graph.cell_word(slot);
-        if word == NO_CELL || word & TOMBSTONE != 0 {
-            free.push(slot);
+    let (summary, free) = match summary {
+        Some((summary, free)) => (Some(summary), free),
+        None => {
+            let free = (0..slots as u32)
+                .filter(|&slot| {
+                    let word = index.graph.cell_word(slot);
+                    word == NO_CELL || word & TOMBSTONE != 0
+                })
+                .collect();
+            (None, free)
         }
-    }
+    };
     *index.free_slots.lock() = free;
     // Relaxed: the index is not shared yet.
     index.next_slot.store(slots, Ordering::Relaxed);
@@ -623,7 +639,7 @@ fn load(mut backing: Backing, check: Check, origin: Option<memmap2::Mmap>) -> Re
     if check != Check::Nothing {
         index.keys = key_map_rejecting_duplicates(&index)?;
     }
-    finish(index, check, origin)
+    finish(index, check, origin, summary)
 }
 
 /// The key map of a freshly loaded index, filled from its live slots; a key
@@ -637,14 +653,25 @@ fn key_map_rejecting_duplicates(index: &Index) -> Result<KeyMap> {
     Ok(map)
 }
 
-/// Runs the invariant checker (unless unchecked) and records the file's
+/// Runs the invariant checker (unless unchecked), the vector check (with
+/// the checksums: `Check::All`) and records the file's
 /// read-only view for [`Index::verify_checksums`]. The key map was filled
 /// from the slots just before, rejecting duplicates, so its lookups are
 /// trusted (the set of mapped slots is still checked).
-fn finish(mut index: Index, check: Check, origin: Option<memmap2::Mmap>) -> Result<Index> {
+fn finish(
+    mut index: Index,
+    check: Check,
+    origin: Option<memmap2::Mmap>,
+    summary: Option<SlotSummary>,
+) -> Result<Index> {
     if check != Check::Nothing {
         index
-            .check_invariants_with(crate::invariants::KeyLookups::TrustFreshMap)
+            .check_invariants_with(crate::invariants::KeyLookups::TrustFreshMap, summary)
+            .map_err(|e| Error::Format(FormatError::Invariant(e)))?;
+    }
+    if check == Check::All {
+        index
+            .check_vectors()
             .map_err(|e| Error::Format(FormatError::Invariant(e)))?;
     }
     index.origin = origin;
@@ -937,6 +964,11 @@ struct Layout<'f> {
     entry: Option<(u32, usize)>,
     /// (level, words) per upper block, in table order.
     upper_blocks: Vec<(usize, &'f [u32])>,
+    /// What the thorough structure pass learnt per slot, for the invariant
+    /// check (which then skips its own first pass and the layer-0 lists
+    /// found sorted and in range), and the free slots (removed or never
+    /// published), in slot order. `None` after an unchecked pass.
+    summary: Option<(SlotSummary, Vec<u32>)>,
 }
 
 /// Checks the arrays against the header and each other. With `thorough`
@@ -1030,27 +1062,28 @@ fn check_structure<'f>(
             live,
             entry,
             upper_blocks,
+            summary: None,
         });
     }
 
-    // Level-0 records: an unlocked lock word (a saved lock is always 0; any
-    // other value could leave a search spinning on a writer that does not
-    // exist), degree bounds and the upper-block references (each block
-    // owned by exactly one slot).
+    // Level-0 records and cell words, slot by slot: an unlocked lock word (a
+    // saved lock is always 0; any other value could leave a search spinning
+    // on a writer that does not exist), degree bounds, the upper-block
+    // reference (each block owned by exactly one slot), the cell word (the
+    // slot itself, since saved files renumber cells, maybe with the
+    // tombstone bit, or never published). While each record is in cache,
+    // the pass also gathers what the invariant check's first pass would
+    // (levels, allocated and live slots) and runs its layer-0 list test, so
+    // the check does not read every record again.
     // The records are checked on every core (a 1M-slot file has 136 MB of
     // them); each worker lists the upper blocks its slots reference, and
     // ownership is settled over those lists, in slot order.
-    let records = level0.len() / stride;
-    let per = records
-        .div_ceil(crate::parallel::pass_workers(records, 1 << 17))
-        .max(1);
-    let ranges: Vec<std::ops::Range<usize>> = (0..records.max(1))
-        .step_by(per)
-        .map(|start| start..(start + per).min(records))
-        .collect();
-    let referenced = crate::parallel::run_workers(ranges.len(), |w| {
+    let slots_u32 = slots as u32;
+    let pieces = crate::invariants::split_slots(slots, |range| {
         let mut blocks: Vec<(usize, usize)> = Vec::new();
-        for slot in ranges[w].clone() {
+        let mut free = Vec::new();
+        let mut piece = SlotSummary::new(range.len());
+        for slot in range.clone() {
             let record = &level0[slot * stride..(slot + 1) * stride];
             if record[0] != 0 {
                 return Err(corrupt(format!(
@@ -1066,48 +1099,91 @@ fn check_structure<'f>(
                 )));
             }
             let index = (meta >> crate::graph::DEGREE_BITS) as usize;
-            if index > 0 {
+            let level = if index > 0 {
                 blocks.push((slot, index));
+                let (level, _) = upper_blocks.get(index - 1).ok_or_else(|| {
+                    corrupt(format!("slot {slot}: upper block {index} does not exist"))
+                })?;
+                *level
+            } else {
+                0
+            };
+            let word = cells[slot];
+            if word == NO_CELL || word & TOMBSTONE != 0 {
+                free.push(slot as u32);
+            }
+            if word == NO_CELL {
+                continue;
+            }
+            if word & !TOMBSTONE != slot as u32 {
+                return Err(corrupt(format!("slot {slot}: cell word {word:#x}")));
+            }
+            let i = slot - range.start;
+            piece.note(i, word, level);
+            let ids = &record[2..2 + degree];
+            if crate::invariants::sorted_list_ok(ids, slot as u32, slots_u32) {
+                piece.note_layer0_checked(i);
             }
         }
-        Ok(blocks)
+        Ok((blocks, free, piece))
     });
-    let mut owner = vec![false; upper_count];
-    for blocks in referenced {
-        for (slot, index) in blocks? {
-            let taken = owner.get_mut(index - 1).ok_or_else(|| {
-                corrupt(format!("slot {slot}: upper block {index} does not exist"))
-            })?;
-            if std::mem::replace(taken, true) {
+    const NO_OWNER: u32 = u32::MAX;
+    let mut owner = vec![NO_OWNER; upper_count];
+    let mut free = Vec::new();
+    let mut summaries = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        let (blocks, piece_free, summary) = piece?;
+        for (slot, index) in blocks {
+            // In range: checked by the worker.
+            let taken = &mut owner[index - 1];
+            if std::mem::replace(taken, slot as u32) != NO_OWNER {
                 return Err(corrupt(format!(
                     "slot {slot}: upper block {index} belongs to two slots"
                 )));
             }
         }
+        free.extend_from_slice(&piece_free);
+        summaries.push(summary);
     }
-    if owner.iter().any(|&o| !o) {
+    if owner.contains(&NO_OWNER) {
         return Err(corrupt("an upper block belongs to no slot"));
     }
-
-    // Cell words: the slot itself (saved files renumber cells), maybe with
-    // the tombstone bit, or never published.
-    let mut counted = 0usize;
-    for (slot, &word) in cells.iter().enumerate() {
-        if word == NO_CELL {
-            continue;
-        }
-        if word & !TOMBSTONE != slot as u32 {
-            return Err(corrupt(format!("slot {slot}: cell word {word:#x}")));
-        }
-        counted += usize::from(word & TOMBSTONE == 0);
+    let mut summary = SlotSummary::join(summaries, slots);
+    // Upper-layer lists, block by block (sequential in the section; going
+    // through the slots would chase record -> block for each), by the fast
+    // test; any list that fails leaves the invariant check's exact path to
+    // name the fault.
+    let upper_ok = upper_blocks
+        .iter()
+        .zip(&owner)
+        .all(|(&(level, words), &slot)| {
+            words
+                .chunks_exact(1 + m)
+                .take(level)
+                .enumerate()
+                .all(|(i, list)| {
+                    let degree = (list[0] & ((1 << crate::graph::DEGREE_BITS) - 1)) as usize;
+                    degree <= m
+                        && crate::invariants::sorted_upper_list_ok(
+                            &list[1..1 + degree],
+                            slot,
+                            slots_u32,
+                            i + 1,
+                            |n| summary.level(n as usize),
+                        )
+                })
+        });
+    if upper_ok {
+        summary.note_upper_checked();
     }
-    if live != counted {
+    if live != summary.live_count() {
         return Err(corrupt(format!(
-            "the header says {} live entries, the cells section has {counted}",
-            header.live
+            "the header says {} live entries, the cells section has {}",
+            header.live,
+            summary.live_count()
         )));
     }
-    if entry.is_none() && cells.iter().any(|&w| w != NO_CELL) {
+    if entry.is_none() && summary.any_allocated() {
         return Err(corrupt("a non-empty graph has no entry point"));
     }
     Ok(Layout {
@@ -1116,6 +1192,7 @@ fn check_structure<'f>(
         live,
         entry,
         upper_blocks,
+        summary: Some((summary, free)),
     })
 }
 
