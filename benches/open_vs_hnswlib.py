@@ -15,8 +15,10 @@ What it does, in one run on one machine:
   3. Times, alternating and --repeats times each:
        hnswlib  `Index.load_index(path)` (a fresh Index object each time);
        nann     `Index::open` (mapped, validated), `unsafe open_unchecked`,
-                `open_untrusted` (copy + full validation incl. checksums), and
-                `verify_checksums()` on the opened index, through
+                `open_untrusted` (copy + full validation incl. checksums and
+                finite vectors), and the two content checks `open` leaves
+                out, `verify_checksums()` and `check_vectors()`, on the
+                opened index, through
                 `examples/open_bench.rs`, which also reports the peak extra
                 heap of each open (a counting global allocator).
      Then, for both, the first pass of 100 searches right after an open

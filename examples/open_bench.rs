@@ -7,7 +7,8 @@
 //! Modes, each on a fresh open of the same file:
 //! `open` (mapped, validated), `open_unchecked` (mapped, header only),
 //! `open_untrusted` (read into memory, everything validated, checksums
-//! included), and `verify_checksums` on an index from `open`. For the two
+//! included, and finite vectors), and `verify_checksums` and `check_vectors`
+//! on an index from `open` (the two content checks `open` leaves out). For the two
 //! mapped modes, given `--query` and `--gt`, it also times the first pass of
 //! searches right after the open (k 10, ef 64), which pays for the pages the
 //! open did not touch. Peak extra heap comes from a counting global allocator.
@@ -98,6 +99,9 @@ fn run() -> Result<(), String> {
     let (verified, ms, heap) = measured(|| index.verify_checksums());
     verified.map_err(|e| e.to_string())?;
     report("verify_checksums", ms, heap, None)?;
+    let (checked, ms, heap) = measured(|| index.check_vectors());
+    checked.map_err(|e| e.to_string())?;
+    report("check_vectors", ms, heap, None)?;
     drop(index);
 
     // SAFETY: the file was validated by `open` just above, and the benchmark

@@ -83,15 +83,20 @@
 //! # Where a validated open spends its time
 //!
 //! For a 1M x 64 file (394 MiB, page cache warm, 2 cores) a validated open
-//! takes ~80-110 ms, 0.12-0.14x hnswlib's `load_index` of the same data
-//! (BENCHMARKS.md), still above the 0.1x target. Every O(n) pass runs on
-//! every core (`crate::parallel::run_workers`): the per-record structure
-//! checks, the key map fill (16 shards, each filled by one worker, foldhash),
-//! and the invariant passes. What remains is mostly memory traffic: reading
-//! the vectors once for the finiteness check (I11), the level-0 records
-//! twice, and one random read of each node's anchor list. `save` writes
-//! every layer-0 list sorted, so the duplicate check (I3) of an opened file
-//! is one comparison per id. The durable update log and `checkpoint` are
+//! takes ~45-60 ms, ~0.08x hnswlib's `load_index` of the same data
+//! (BENCHMARKS.md). It reads the level-0 records once: one structure pass,
+//! on every core, checks each record (lock word, degree, upper-block
+//! reference, cell word) and, while the record is in cache, runs the
+//! invariant check's per-list test on its layer-0 list (`save` writes
+//! every list sorted, so range, self-loop and duplicates cost one
+//! vectorised comparison per id) and gathers the per-slot facts the
+//! invariant check would otherwise re-read (`invariants::SlotSummary`).
+//! Upper-layer lists are tested block by block in the same way. Then the
+//! key map is filled (16 shards, each filled by one worker, foldhash), and
+//! the invariant check adds only what needs the whole graph: the entry
+//! point, the key-map count, and the anchor tree (one random read of each
+//! node's anchor list, then the anchor paths). The vectors are not read at
+//! all (see above). The durable update log and `checkpoint` are
 //! [`DurableIndex`](crate::DurableIndex); every byte of a save goes through
 //! the [`Storage`] seam (a mapped open reads the real file system only).
 //!
