@@ -10,8 +10,8 @@
 //! * `remove`: removes of distinct keys (applying one is nearly free), so the
 //!   rate is what the log sustains; with `PerOp` and with `GroupCommit`.
 //! * `update`: in-place updates with fresh random vectors (each re-links the
-//!   entry's neighbourhood), logged with `GroupCommit`, and the same on a
-//!   plain in-memory `Index` for the ratio.
+//!   entry's neighbourhood), logged with `GroupCommit` and with `PerOp`, and
+//!   the same on a plain in-memory `Index` for the ratio.
 //!
 //! `DIR` (default: a fresh directory under the system temp dir) should be on
 //! the disk whose fsync you want to measure.
@@ -146,18 +146,22 @@ fn run(args: &Args) -> Result<Vec<(String, f64)>, String> {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    let dir = args.dir.join("update");
-    let _ = std::fs::remove_dir_all(&dir);
-    let index = DurableIndex::create(&dir, params.clone(), DurableOptions::new(group))
-        .map_err(|e| e.to_string())?;
-    fill(&index, args.n, args.dim, args.threads);
     let n = args.n as u64;
     let threads = args.threads as u64;
-    let logged = timed(args.threads, args.seconds, |t, i| {
-        let key = (i * threads + t as u64) % n;
-        index.update(key, &vector(key, i + 1, args.dim)).is_ok()
-    });
-    results.push(("update_group".into(), logged));
+    for (name, durability) in [("update_group", group), ("update_per_op", Durability::PerOp)] {
+        let dir = args.dir.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let index = DurableIndex::create(&dir, params.clone(), DurableOptions::new(durability))
+            .map_err(|e| e.to_string())?;
+        fill(&index, args.n, args.dim, args.threads);
+        let logged = timed(args.threads, args.seconds, |t, i| {
+            let key = (i * threads + t as u64) % n;
+            index.update(key, &vector(key, i + 1, args.dim)).is_ok()
+        });
+        results.push((name.to_string(), logged));
+        drop(index);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     let memory = Index::new(params).map_err(|e| e.to_string())?;
     for k in 0..n {
         memory
