@@ -148,7 +148,10 @@ fn run(args: &Args) -> Result<Vec<(String, f64)>, String> {
 
     let n = args.n as u64;
     let threads = args.threads as u64;
-    for (name, durability) in [("update_group", group), ("update_per_op", Durability::PerOp)] {
+    for (name, durability) in [
+        ("update_group", group),
+        ("update_per_op", Durability::PerOp),
+    ] {
         let dir = args.dir.join(name);
         let _ = std::fs::remove_dir_all(&dir);
         let index = DurableIndex::create(&dir, params.clone(), DurableOptions::new(durability))
