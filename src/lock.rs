@@ -66,6 +66,33 @@
 
 use crate::sync::{fence, AtomicU32, Backoff, Ordering};
 
+// Seeded mutants (`--cfg nann_mutant="NAME"`, loom builds only; see
+// `scripts/loom-mutants.sh`): each weakens one step argued in the module
+// docs, and the loom models in `tests/loom.rs` must catch every one. In a
+// normal build every constant below is the correct value.
+
+/// `Release`; the mutant `unlock_relaxed` publishes nothing.
+const UNLOCK_ORDERING: Ordering = if cfg!(nann_mutant = "unlock_relaxed") {
+    Ordering::Relaxed
+} else {
+    Ordering::Release
+};
+/// The writer's release fence after taking the lock; dropped by the mutant
+/// `no_writer_fence`.
+const WRITER_FENCE: bool = !cfg!(nann_mutant = "no_writer_fence");
+/// The reader's acquire fence before revalidating; dropped by the mutant
+/// `no_validate_fence`.
+const VALIDATE_FENCE: bool = !cfg!(nann_mutant = "no_validate_fence");
+/// What blocks a writer: a writer or a reader; the mutant
+/// `writer_ignores_readers` drops the readers, `writers_share` the writer.
+const EXCLUDES: u32 = if cfg!(nann_mutant = "writer_ignores_readers") {
+    WRITER
+} else if cfg!(nann_mutant = "writers_share") {
+    READER_MASK
+} else {
+    WRITER | READER_MASK
+};
+
 const WRITER: u32 = 1;
 const READER_ONE: u32 = 1 << 1;
 const READER_MASK: u32 = 0x7f << 1;
@@ -122,7 +149,7 @@ impl EntryLock {
     /// Tries once to take the lock exclusively.
     pub fn try_lock_exclusive(&self) -> bool {
         let current = self.state.load(Ordering::Relaxed);
-        if current & (WRITER | READER_MASK) != 0 {
+        if current & EXCLUDES != 0 {
             return false;
         }
         // Acquire: see everything the previous holder published (module docs).
@@ -138,7 +165,9 @@ impl EntryLock {
         {
             // Release fence: order the lock acquisition before this writer's
             // Relaxed data stores, for optimistic readers (module docs).
-            fence(Ordering::Release);
+            if WRITER_FENCE {
+                fence(Ordering::Release);
+            }
             true
         } else {
             false
@@ -167,7 +196,7 @@ impl EntryLock {
         );
         let next_version = ((held >> VERSION_SHIFT).wrapping_add(1)) << VERSION_SHIFT;
         // Release: publish this writer's data to the next Acquire of the word.
-        self.state.store(next_version, Ordering::Release);
+        self.state.store(next_version, UNLOCK_ORDERING);
     }
 
     /// Tries once to take a shared (pessimistic) hold.
@@ -238,7 +267,9 @@ impl EntryLock {
     /// i.e. whether the data read in between is a consistent snapshot.
     pub fn read_validate(&self, begin: ReadVersion) -> bool {
         // Acquire fence then Relaxed load: the seqlock reader recipe (module docs).
-        fence(Ordering::Acquire);
+        if VALIDATE_FENCE {
+            fence(Ordering::Acquire);
+        }
         let state = self.state.load(Ordering::Relaxed);
         state & (VERSION_MASK | WRITER) == begin.0
     }

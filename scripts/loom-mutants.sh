@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds each seeded mutant of the library (`--cfg nann_mutant="NAME"`) and
+# runs the loom model that must catch it: a mutant that passes its model is a
+# model that proves nothing. Prints one line per mutant; exits 1 if any
+# mutant survives.
+#
+#   bash scripts/loom-mutants.sh [NAME ...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+# mutant -> the model (exact test name in tests/loom.rs) that must fail.
+declare -A MODEL=(
+  [unlock_relaxed]=l1a_entry_lock_one_writer_one_reader
+  [no_writer_fence]=l1a_entry_lock_one_writer_one_reader
+  [no_validate_fence]=l1a_entry_lock_one_writer_one_reader
+  [writer_ignores_readers]=l1b_entry_lock_one_writer_two_readers
+  [writers_share]=l1c_entry_lock_two_writers_one_reader
+)
+names=("$@")
+[ ${#names[@]} -eq 0 ] && names=(unlock_relaxed no_writer_fence no_validate_fence writer_ignores_readers writers_share)
+
+survivors=0
+for name in "${names[@]}"; do
+  model=${MODEL[$name]:?unknown mutant $name}
+  log=$(mktemp)
+  RUSTFLAGS="--cfg loom --cfg nann_mutant=\"$name\"" CARGO_TARGET_DIR=target/loom-mutant \
+    cargo test --release --test loom -- --exact "$model" >"$log" 2>&1
+  if grep -q "test result: FAILED" "$log"; then
+    why=$(grep -m1 -A1 "panicked at" "$log" | tr '\n' ' ')
+    echo "caught   $name by $model: $why"
+  elif grep -q "test result: ok" "$log"; then
+    echo "SURVIVED $name: $model passed"
+    survivors=$((survivors + 1))
+  else
+    echo "ERROR    $name: build or run failed:"
+    tail -20 "$log"
+    survivors=$((survivors + 1))
+  fi
+  rm -f "$log"
+done
+exit $((survivors > 0))
