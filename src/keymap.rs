@@ -27,7 +27,12 @@
 
 use std::hash::BuildHasher;
 
-use foldhash::fast::RandomState;
+/// Randomly seeded per map (see the module docs). Under loom a fixed seed:
+/// a model must run the same way each time it is replayed.
+#[cfg(not(loom))]
+type KeyHasher = foldhash::fast::RandomState;
+#[cfg(loom)]
+type KeyHasher = foldhash::fast::FixedState;
 use hashbrown::HashTable;
 
 use crate::sync::{AtomicBool, Mutex, Ordering, RwLock};
@@ -61,7 +66,7 @@ enum Duplicates {
 #[derive(Debug)]
 pub(crate) struct KeyMap {
     shards: Box<[Shard]>,
-    hasher: RandomState,
+    hasher: KeyHasher,
     /// The map still has to be filled from the index's slots (an index
     /// opened without validation defers that O(n) work to its first key
     /// operation; see [`KeyMap::deferred`]).
@@ -74,7 +79,7 @@ impl Default for KeyMap {
     fn default() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            hasher: RandomState::default(),
+            hasher: KeyHasher::default(),
             pending: AtomicBool::new(false),
             filling: Mutex::new(()),
         }
