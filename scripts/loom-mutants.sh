@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds each seeded mutant of the library (`--cfg nann_mutant="NAME"`) and
+# Builds each seeded mutant of the library (`NANN_MUTANT=NAME` at compile
+# time, read by loom builds only: see `sync::mutant`) and
 # runs the loom model that must catch it: a mutant that passes its model is a
 # model that proves nothing. Prints one line per mutant; exits 1 if any
 # mutant survives.
@@ -24,7 +25,8 @@ survivors=0
 for name in "${names[@]}"; do
   model=${MODEL[$name]:?unknown mutant $name}
   log=$(mktemp)
-  RUSTFLAGS="--cfg loom --cfg crossbeam_loom --cfg nann_mutant=\"$name\"" CARGO_TARGET_DIR=target/loom-mutant \
+  # Same flags and target dir as the plain loom run: only nann recompiles.
+  NANN_MUTANT="$name" RUSTFLAGS="--cfg loom --cfg crossbeam_loom" CARGO_TARGET_DIR=target/loom \
     cargo test --release --test loom -- --exact "$model" >"$log" 2>&1
   # Caught: an assertion of the model failed (a panic in tests/loom.rs; the
   # process may then abort while dropping loom objects, which is noise).

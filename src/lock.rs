@@ -64,30 +64,30 @@
 //! there are more threads than cores. A steady stream of pessimistic readers
 //! can delay a writer; the index uses pessimistic reads only off the hot path.
 
-use crate::sync::{fence, AtomicU32, Backoff, Ordering};
+use crate::sync::{fence, mutant, AtomicU32, Backoff, Ordering};
 
-// Seeded mutants (`--cfg nann_mutant="NAME"`, loom builds only; see
-// `scripts/loom-mutants.sh`): each weakens one step argued in the module
+// Seeded mutants (`crate::sync::mutant`: loom builds with `NANN_MUTANT=NAME`;
+// see `scripts/loom-mutants.sh`): each weakens one step argued in the module
 // docs, and the loom models in `tests/loom.rs` must catch every one. In a
 // normal build every constant below is the correct value.
 
 /// `Release`; the mutant `unlock_relaxed` publishes nothing.
-const UNLOCK_ORDERING: Ordering = if cfg!(nann_mutant = "unlock_relaxed") {
+const UNLOCK_ORDERING: Ordering = if mutant("unlock_relaxed") {
     Ordering::Relaxed
 } else {
     Ordering::Release
 };
 /// The writer's release fence after taking the lock; dropped by the mutant
 /// `no_writer_fence`.
-const WRITER_FENCE: bool = !cfg!(nann_mutant = "no_writer_fence");
+const WRITER_FENCE: bool = !mutant("no_writer_fence");
 /// The reader's acquire fence before revalidating; dropped by the mutant
 /// `no_validate_fence`.
-const VALIDATE_FENCE: bool = !cfg!(nann_mutant = "no_validate_fence");
+const VALIDATE_FENCE: bool = !mutant("no_validate_fence");
 /// What blocks a writer: a writer or a reader; the mutant
 /// `writer_ignores_readers` drops the readers, `writers_share` the writer.
-const EXCLUDES: u32 = if cfg!(nann_mutant = "writer_ignores_readers") {
+const EXCLUDES: u32 = if mutant("writer_ignores_readers") {
     WRITER
-} else if cfg!(nann_mutant = "writers_share") {
+} else if mutant("writers_share") {
     READER_MASK
 } else {
     WRITER | READER_MASK

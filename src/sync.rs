@@ -145,3 +145,33 @@ pub(crate) unsafe fn as_plain(words: &[AtomicU32]) -> Option<&[u32]> {
 pub(crate) unsafe fn as_plain(_words: &[AtomicU32]) -> Option<&[u32]> {
     None
 }
+
+/// Whether this build is the seeded mutant `name` (`scripts/loom-mutants.sh`
+/// sets `NANN_MUTANT=name` at compile time). Only loom builds read the
+/// variable, so a normal build is never a mutant whatever its environment;
+/// an environment variable (unlike a `--cfg` in `RUSTFLAGS`) rebuilds only
+/// this crate, not every dependency, for each mutant.
+#[cfg(loom)]
+pub(crate) const fn mutant(name: &str) -> bool {
+    let Some(set) = option_env!("NANN_MUTANT") else {
+        return false;
+    };
+    let (a, b) = (set.as_bytes(), name.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// See the loom version: a normal build is never a mutant.
+#[cfg(not(loom))]
+pub(crate) const fn mutant(_name: &str) -> bool {
+    false
+}

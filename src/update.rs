@@ -83,7 +83,7 @@ impl Index {
         // The key's op lock orders this remove against an update of the
         // same key. The seeded mutant `remove_skips_op_lock` (loom builds,
         // `scripts/loom-mutants.sh`) drops it; model L6 must catch that.
-        let _op = (!cfg!(nann_mutant = "remove_skips_op_lock")).then(|| self.op_lock(key).lock());
+        let _op = (!crate::sync::mutant("remove_skips_op_lock")).then(|| self.op_lock(key).lock());
         let _gate = self.writer_gate.read();
         let slot = self
             .key_map()

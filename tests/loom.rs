@@ -3,7 +3,7 @@
 //!
 //! Each model runs at most 3 threads. The lock models (L1) use the real
 //! [`EntryLock`] under loom's atomics; every model has a seeded mutant in the
-//! library (`--cfg nann_mutant="NAME"`) that it must catch:
+//! library (`NANN_MUTANT=NAME` at compile time, see `sync::mutant`) that it must catch:
 //! `scripts/loom-mutants.sh` builds each mutant and expects its model to fail.
 //!
 //! | model | threads | bound | mutants it catches |
