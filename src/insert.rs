@@ -50,6 +50,18 @@ struct Candidate<'g> {
     vector: &'g [f32],
 }
 
+/// What [`Index::select_neighbours`] does with room the heuristic leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pruned {
+    /// Leave it: a list grows back through later reverse links (inserts).
+    Drop,
+    /// Fill it with the nearest pruned candidates: for the repair of an
+    /// updated node's old neighbourhood, which no later insert refills (a
+    /// bare heuristic there shrank lists at every update and cost churned
+    /// indexes ~0.02 of recall).
+    Refill,
+}
+
 impl Index {
     /// Inserts a new entry.
     ///
@@ -227,12 +239,24 @@ impl Index {
         };
         let promoting = level > max_level;
 
+        // A relinked node (update, reused slot) selects up to M0 forward
+        // links on layer 0, not M: it gets no reverse links from the inserts
+        // that follow a fresh node, so M would leave it (and, through the
+        // repair, its old neighbourhood) sparser than a fresh build; churn
+        // measured R@10 0.04 below a fresh build that way
+        // (`examples/churn.rs`, BENCHMARKS.md).
+        let layer0_max = if relinking {
+            self.graph.max_degree(0)
+        } else {
+            self.params.m
+        };
         let mut plan = self.plan_links(
             slot,
             query,
             entry_slot,
             max_level,
             level,
+            layer0_max,
             &mut scratch,
             guard,
         );
@@ -293,7 +317,8 @@ impl Index {
     }
 
     /// Searches every layer the node shares with the graph and selects its
-    /// neighbours; `plan[layer]` is the forward list for `layer`.
+    /// neighbours, at most `layer0_max` on layer 0 and M above; `plan[layer]`
+    /// is the forward list for `layer`.
     #[allow(clippy::too_many_arguments)]
     fn plan_links(
         &self,
@@ -302,6 +327,7 @@ impl Index {
         entry_slot: u32,
         max_level: usize,
         level: usize,
+        layer0_max: usize,
         scratch: &mut Scratch,
         guard: &Guard,
     ) -> Vec<Vec<u32>> {
@@ -329,7 +355,12 @@ impl Index {
             let candidates = self.with_vectors(&found, guard);
             // hnswlib selects M forward links on every layer (M0 = 2M is room
             // for reverse links on layer 0).
-            plan[layer] = self.select_neighbours(Vec::new(), &candidates, self.params.m);
+            let max = if layer == 0 {
+                layer0_max
+            } else {
+                self.params.m
+            };
+            plan[layer] = self.select_neighbours(Vec::new(), &candidates, max, Pruned::Drop);
             if !found.is_empty() {
                 entries = found;
             }
@@ -356,16 +387,20 @@ impl Index {
     /// only if it is closer to the base than to every neighbour kept so far.
     /// This spreads links over directions instead of one dense cluster.
     /// `kept` starts with the entries that must stay (anchored children);
-    /// `candidates` must be sorted by distance to the base.
+    /// `candidates` must be sorted by distance to the base. With
+    /// [`Pruned::Refill`], room the heuristic leaves is filled with the
+    /// nearest candidates it pruned (the paper's `keepPrunedConnections`).
     fn select_neighbours<'g>(
         &self,
         mut kept: Vec<Candidate<'g>>,
         candidates: &[Candidate<'g>],
         max: usize,
+        pruned: Pruned,
     ) -> Vec<u32> {
         if kept.len() + candidates.len() <= max {
             return kept.iter().chain(candidates).map(|c| c.slot).collect();
         }
+        let mut dropped = Vec::new();
         for candidate in candidates {
             if kept.len() >= max {
                 break;
@@ -375,9 +410,15 @@ impl Index {
                 .all(|k| self.dist(candidate.vector, k.vector) >= candidate.dist);
             if diverse {
                 kept.push(Candidate { ..*candidate });
+            } else if pruned == Pruned::Refill {
+                dropped.push(candidate.slot);
             }
         }
-        kept.iter().map(|c| c.slot).collect()
+        let room = max.saturating_sub(kept.len());
+        kept.iter()
+            .map(|c| c.slot)
+            .chain(dropped.into_iter().take(room))
+            .collect()
     }
 
     /// Adds `new` to `neighbour`'s list on `layer`, shrinking the list by the
@@ -407,8 +448,14 @@ impl Index {
             true
         } else {
             list.push(new);
-            let selected =
-                self.reselect(neighbour, list, self.graph.max_degree(layer), layer, guard);
+            let selected = self.reselect(
+                neighbour,
+                list,
+                self.graph.max_degree(layer),
+                layer,
+                Pruned::Drop,
+                guard,
+            );
             self.graph.write_links(&node, layer, &selected);
             *list = selected;
             list.contains(&new)
@@ -434,6 +481,7 @@ impl Index {
         ids: &[u32],
         max: usize,
         layer: usize,
+        pruned: Pruned,
         guard: &Guard,
     ) -> Vec<u32> {
         let Some(base_vector) = self.graph.vector(base, guard) else {
@@ -453,6 +501,6 @@ impl Index {
             .partition(|s| layer == 0 && self.graph.anchor(s.slot) == base);
         let kept = self.with_vectors(&protected, guard);
         let candidates = self.with_vectors(&free, guard);
-        self.select_neighbours(kept, &candidates, max)
+        self.select_neighbours(kept, &candidates, max, pruned)
     }
 }

@@ -29,6 +29,7 @@ use crossbeam_epoch::Guard;
 use crate::error::{Error, Result};
 use crate::graph::{NO_CELL, TOMBSTONE};
 use crate::index::Index;
+use crate::insert::Pruned;
 use crate::sync::Ordering;
 
 impl Index {
@@ -128,8 +129,14 @@ impl Index {
                     list.extend(old_neighbours.iter().copied().filter(|&o| o != n));
                     list.sort_unstable();
                     list.dedup();
-                    let selected =
-                        self.reselect(n, &list, self.graph.max_degree(layer), layer, guard);
+                    let selected = self.reselect(
+                        n,
+                        &list,
+                        self.graph.max_degree(layer),
+                        layer,
+                        Pruned::Refill,
+                        guard,
+                    );
                     self.graph.write_links(&node, layer, &selected);
                     if layer == 0 {
                         // Children the moved node anchored, now also linked
