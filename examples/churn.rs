@@ -65,31 +65,23 @@ fn parse() -> Result<Args, String> {
         threads: 2,
         json: false,
     };
-    let mut raw = std::env::args().skip(1);
-    while let Some(flag) = raw.next() {
-        if flag == "--json" {
-            args.json = true;
-            continue;
-        }
-        let value = raw.next().ok_or(format!("{flag} needs a value"))?;
-        let number = |v: &str| -> Result<u64, String> {
-            v.parse::<u64>()
-                .map_err(|_| format!("{flag}: '{v}' is not a whole number"))
-        };
-        match flag.as_str() {
-            "--data" if value == "uniform" || value == "clustered" => args.data = value,
+    args.json = support::parse_flags(|flag, value| {
+        let number = |v: &str| support::number::<u64>(flag, v);
+        match flag {
+            "--data" if value == "uniform" || value == "clustered" => args.data = value.into(),
             "--moves" if value == "redraw" || value == "small" => args.small = value == "small",
-            "--n" => args.n = number(&value)? as usize,
-            "--dim" => args.dim = number(&value)? as usize,
-            "--updates" => args.updates = number(&value)?,
-            "--reinserts" => args.reinserts = number(&value)?,
-            "--checkpoint" => args.checkpoint = number(&value)?.max(1),
-            "--queries" => args.queries = number(&value)? as usize,
-            "--ef" => args.ef = number(&value)? as usize,
-            "--threads" => args.threads = number(&value)?.max(1) as usize,
+            "--n" => args.n = number(value)? as usize,
+            "--dim" => args.dim = number(value)? as usize,
+            "--updates" => args.updates = number(value)?,
+            "--reinserts" => args.reinserts = number(value)?,
+            "--checkpoint" => args.checkpoint = number(value)?.max(1),
+            "--queries" => args.queries = number(value)? as usize,
+            "--ef" => args.ef = number(value)? as usize,
+            "--threads" => args.threads = number(value)?.max(1) as usize,
             other => return Err(format!("unknown flag or value: {other} {value}")),
         }
-    }
+        Ok(())
+    })?;
     if args.n < 10 {
         return Err("--n must be at least 10".into());
     }

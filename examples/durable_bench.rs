@@ -16,6 +16,8 @@
 //! `DIR` (default: a fresh directory under the system temp dir) should be on
 //! the disk whose fsync you want to measure.
 
+mod support;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -32,12 +34,6 @@ struct Args {
     json: bool,
 }
 
-fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
-    value
-        .parse()
-        .map_err(|_| format!("{flag}: '{value}' is not a number"))
-}
-
 fn parse() -> Result<Args, String> {
     let mut args = Args {
         dir: std::env::temp_dir().join(format!("nann-durable-bench-{}", std::process::id())),
@@ -48,23 +44,18 @@ fn parse() -> Result<Args, String> {
         group_ms: 1.0,
         json: false,
     };
-    let mut raw = std::env::args().skip(1);
-    while let Some(flag) = raw.next() {
-        if flag == "--json" {
-            args.json = true;
-            continue;
-        }
-        let value = raw.next().ok_or(format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--dir" => args.dir = PathBuf::from(&value),
-            "--n" => args.n = number(&flag, &value)?,
-            "--dim" => args.dim = number(&flag, &value)?,
-            "--threads" => args.threads = number(&flag, &value)?,
-            "--seconds" => args.seconds = number(&flag, &value)?,
-            "--group-ms" => args.group_ms = number(&flag, &value)?,
+    args.json = support::parse_flags(|flag, value| {
+        match flag {
+            "--dir" => args.dir = PathBuf::from(value),
+            "--n" => args.n = support::number(flag, value)?,
+            "--dim" => args.dim = support::number(flag, value)?,
+            "--threads" => args.threads = support::number(flag, value)?,
+            "--seconds" => args.seconds = support::number(flag, value)?,
+            "--group-ms" => args.group_ms = support::number(flag, value)?,
             other => return Err(format!("unknown flag {other}")),
         }
-    }
+        Ok(())
+    })?;
     Ok(args)
 }
 

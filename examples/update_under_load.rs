@@ -54,25 +54,16 @@ fn parse() -> Result<Args, String> {
         ef: 64,
         json: false,
     };
-    let mut raw = std::env::args().skip(1);
-    while let Some(flag) = raw.next() {
-        if flag == "--json" {
-            args.json = true;
-            continue;
-        }
-        let value = raw.next().ok_or(format!("{flag} needs a value"))?;
-        let number = |v: &str| -> Result<f64, String> {
-            v.parse::<f64>()
-                .map_err(|_| format!("{flag}: '{v}' is not a number"))
-        };
-        match flag.as_str() {
-            "--n" => args.n = number(&value)? as usize,
-            "--dim" => args.dim = number(&value)? as usize,
-            "--m" => args.m = number(&value)? as usize,
-            "--readers" => args.readers = number(&value)? as usize,
-            "--writers" => args.writers = number(&value)? as usize,
-            "--seconds" => args.seconds = number(&value)?,
-            "--ef" => args.ef = number(&value)? as usize,
+    args.json = support::parse_flags(|flag, value| {
+        let number = |v: &str| support::number::<f64>(flag, v);
+        match flag {
+            "--n" => args.n = number(value)? as usize,
+            "--dim" => args.dim = number(value)? as usize,
+            "--m" => args.m = number(value)? as usize,
+            "--readers" => args.readers = number(value)? as usize,
+            "--writers" => args.writers = number(value)? as usize,
+            "--seconds" => args.seconds = number(value)?,
+            "--ef" => args.ef = number(value)? as usize,
             "--rates" => {
                 args.rates = value
                     .split(',')
@@ -81,7 +72,8 @@ fn parse() -> Result<Args, String> {
             }
             other => return Err(format!("unknown flag {other}")),
         }
-    }
+        Ok(())
+    })?;
     if args.readers == 0 {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         args.readers = cores.saturating_sub(args.writers).max(1);

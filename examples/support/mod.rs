@@ -9,6 +9,32 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
+/// Walks the command line as `--flag value` pairs plus a bare `--json`:
+/// calls `on_flag(flag, value)` for each pair and returns whether `--json`
+/// was given. The examples' shared flag syntax.
+pub fn parse_flags(
+    mut on_flag: impl FnMut(&str, &str) -> Result<(), String>,
+) -> Result<bool, String> {
+    let mut json = false;
+    let mut raw = std::env::args().skip(1);
+    while let Some(flag) = raw.next() {
+        if flag == "--json" {
+            json = true;
+            continue;
+        }
+        let value = raw.next().ok_or(format!("{flag} needs a value"))?;
+        on_flag(&flag, &value)?;
+    }
+    Ok(json)
+}
+
+/// `value` as a number, or an error that names `flag`.
+pub fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{flag}: '{value}' is not a number"))
+}
+
 /// A row-major matrix of f32 vectors.
 #[derive(Debug, Clone)]
 pub struct Vectors {
