@@ -196,6 +196,19 @@ impl Index {
             let Some(v) = self.graph.vector(entry.slot, guard) else {
                 continue;
             };
+            // The entry was scored earlier (greedy descent, entry point);
+            // if the slot has been updated or reused since, score what it
+            // holds now, so the distance, the cell (hence the key) and the
+            // removal check all describe one and the same vector.
+            let entry = if v.cell == entry.cell {
+                entry
+            } else {
+                Scored {
+                    dist: self.dist(query, v.vector),
+                    slot: entry.slot,
+                    cell: v.cell,
+                }
+            };
             beam.push(entry, accept(entry.slot, &v));
         }
 
