@@ -29,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_hnswlib import build_examples, ensure_packages  # noqa: E402
+from compare_hnswlib import ROOT, build_examples, ensure_packages  # noqa: E402
 
 
 def hnswlib_updates(n, dim, rounds=3):
@@ -61,7 +61,7 @@ def main():
     ensure_packages()
     (durable_bench,) = build_examples("durable_bench")
     # On the repository's disk (bench-data/ is ignored by git), not a tmpfs.
-    run_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench-data", "durable-run")
+    run_dir = os.path.join(ROOT, "bench-data", "durable-run")
     out = subprocess.run([durable_bench, "--dir", run_dir, "--n", str(args.n), "--dim", str(args.dim), "--threads", str(args.threads),
                           "--seconds", str(args.seconds), "--group-ms", "1", "--json"],
                          capture_output=True, text=True, check=True).stdout.splitlines()

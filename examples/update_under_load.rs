@@ -158,7 +158,6 @@ fn run(args: &Args) -> Result<(), String> {
                     let per_writer = rate / args.writers as f64;
                     s.spawn(move || {
                         let mut latencies = Vec::new();
-                        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ w as u64;
                         let mut rng = support::Rng::new(77 + w as u64);
                         let begin = Instant::now();
                         let mut next = 0u64;
@@ -168,8 +167,7 @@ fn run(args: &Args) -> Result<(), String> {
                                 std::thread::sleep(wait);
                                 continue;
                             }
-                            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-                            let key = (x >> 33) % args.n as u64;
+                            let key = rng.next_u64() % args.n as u64;
                             let v: Vec<f32> = (0..args.dim).map(|_| rng.uniform()).collect();
                             let t = Instant::now();
                             index.update(key, &v).expect("update");
