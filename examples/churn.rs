@@ -146,6 +146,9 @@ struct Checkpoint {
     fresh_qps: f64,
     self_recall: f64,
     short_queries: usize,
+    /// `memory_usage().total()` of the churned index and of the fresh build.
+    memory: usize,
+    fresh_memory: usize,
 }
 
 fn measure(
@@ -168,6 +171,7 @@ fn measure(
         support::search_keys(&fresh, queries, k, args.ef).map_err(|e| e.to_string())?;
     let fresh_qps = queries.len() as f64 / timer.elapsed().as_secs_f64();
     let fresh_recall = support::recall(&fresh_found, &truth, k, k);
+    let fresh_memory = fresh.memory_usage().total();
     drop(fresh);
 
     // Self-queries on every entry, spread over the threads.
@@ -200,6 +204,8 @@ fn measure(
         fresh_qps,
         self_recall: found_self.load(Ordering::Relaxed) as f64 / current.len() as f64,
         short_queries,
+        memory: index.memory_usage().total(),
+        fresh_memory,
     })
 }
 
@@ -213,7 +219,13 @@ fn build(vectors: &Vectors, args: &Args) -> Result<Index, String> {
     Ok(index)
 }
 
-fn report(args: &Args, ops: u64, c: &Checkpoint) {
+fn report(args: &Args, ops: u64, c: &Checkpoint, initial_memory: usize) {
+    let memory = format!(
+        "memory {:.1} MiB ({:.3}x the initial build, {:.3}x a fresh build)",
+        c.memory as f64 / (1 << 20) as f64,
+        c.memory as f64 / initial_memory as f64,
+        c.memory as f64 / c.fresh_memory as f64
+    );
     if args.json {
         println!(
             "{{\"ops\":{ops},\"recall\":{:.4},\"fresh_recall\":{:.4},\"self_recall\":{:.5}}}",
@@ -221,14 +233,14 @@ fn report(args: &Args, ops: u64, c: &Checkpoint) {
         );
         // The contract's keys stay exactly as specified; the cost goes to stderr.
         eprintln!(
-            "ops {ops}: qps {:.0} vs fresh {:.0} ({:.2}x)",
+            "ops {ops}: qps {:.0} vs fresh {:.0} ({:.2}x), {memory}",
             c.qps,
             c.fresh_qps,
             c.qps / c.fresh_qps
         );
     } else {
         println!(
-            "ops {ops:>9}: recall {:.4} (fresh build {:.4}, gap {:+.4}), self-recall {:.5}, qps {:.0} vs fresh {:.0} ({:.2}x)",
+            "ops {ops:>9}: recall {:.4} (fresh build {:.4}, gap {:+.4}), self-recall {:.5}, qps {:.0} vs fresh {:.0} ({:.2}x), {memory}",
             c.recall,
             c.fresh_recall,
             c.recall - c.fresh_recall,
@@ -254,7 +266,7 @@ fn run(args: &Args) -> Result<bool, String> {
     let mut all_full = true;
     let first = measure(&index, &current, &queries, args)?;
     all_full &= first.short_queries == 0;
-    report(args, 0, &first);
+    report(args, 0, &first, first.memory);
 
     let mut done_updates = 0u64;
     let mut done_reinserts = 0u64;
@@ -328,7 +340,7 @@ fn run(args: &Args) -> Result<bool, String> {
             .map_err(|e| format!("invariants after {done_updates} updates: {e}"))?;
         let c = measure(&index, &current, &queries, args)?;
         all_full &= c.short_queries == 0;
-        report(args, done_updates + done_reinserts, &c);
+        report(args, done_updates + done_reinserts, &c, first.memory);
     }
     Ok(all_full)
 }

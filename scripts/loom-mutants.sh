@@ -17,9 +17,15 @@ declare -A MODEL=(
   [writer_ignores_readers]=l1b_entry_lock_one_writer_two_readers
   [writers_share]=l1c_entry_lock_two_writers_one_reader
   [remove_skips_op_lock]=l6_remove_against_update_of_the_same_key
+  [retire_frees_at_once]=l2_epoch_publish_and_retire
+  [update_key_after_publish]=l3_update_against_search
+  [early_promotion]=l4_promotion_against_search
+  [reverse_links_first]=l5_insert_against_search
 )
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(unlock_relaxed no_writer_fence no_validate_fence writer_ignores_readers writers_share remove_skips_op_lock)
+[ ${#names[@]} -eq 0 ] && names=(unlock_relaxed no_writer_fence no_validate_fence writer_ignores_readers writers_share
+  retire_frees_at_once update_key_after_publish early_promotion reverse_links_first
+  remove_skips_op_lock)
 
 survivors=0
 for name in "${names[@]}"; do

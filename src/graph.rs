@@ -367,7 +367,14 @@ impl Graph {
             // before the old one's grace period ends, so a few hundred cells
             // are in flight under steady churn; without the spare, the first
             // update would allocate a whole second chunk.
-            vectors: VectorArena::new(dim, capacity + capacity / 64 + 256)?,
+            // Growth past that comes in chunks doubling from 1/32 of the
+            // capacity, not from the capacity: a burst of garbage (a reader
+            // pinned for a while) should cost a few percent, not 2x.
+            vectors: VectorArena::new(
+                dim,
+                capacity + capacity / 64 + 256,
+                (capacity / 32).max(256),
+            )?,
         })
     }
 
@@ -587,9 +594,14 @@ impl Graph {
     /// returns the previous cell word.
     pub(crate) fn publish_cell(&self, guard: &NodeGuard<'_>, cell: CellId) -> u32 {
         match self.cells.get(guard.slot as usize) {
-            // AcqRel: Release publishes the cell contents written before; the
-            // Acquire half orders our later retirement of the old cell after
-            // every earlier publication of it.
+            // AcqRel: Release publishes the cell contents (and the key
+            // stored beside them) written before; the Acquire half orders
+            // our later retirement of the old cell after every earlier
+            // publication of it. (Found by loom: the entry lock's writer
+            // fence, which every caller passed through after writing the
+            // cell, already makes a Relaxed swap here publish the cell; the
+            // Release is kept so the guarantee does not hang on the lock's
+            // internals.)
             Some(word) => word[0].swap(cell, Ordering::AcqRel),
             None => NO_CELL,
         }
@@ -655,6 +667,13 @@ impl Graph {
         // Release: see `entry`.
         self.entry
             .store(((level as u64) << 32) | slot as u64, Ordering::Release);
+    }
+
+    /// Empties the entry word (compaction removed every node). Callers keep
+    /// every writer out.
+    pub(crate) fn clear_entry(&self) {
+        // Release: as in `set_entry`.
+        self.entry.store(NO_ENTRY, Ordering::Release);
     }
 
     /// Bytes held by neighbour lists: degree words and ids, level 0 and upper

@@ -68,11 +68,20 @@ impl MemoryUsage {
 
 /// Counters describing an index, from [`Index::stats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Live entries.
     pub live: usize,
-    /// Removed entries whose slots await reuse (tombstones still in the graph).
+    /// Removed entries whose slots await reuse by an insert.
     pub removed: usize,
+    /// Of those, the ones still linked in the graph as tombstones (searches
+    /// walk through them); [`Index::compact`] unlinks them.
+    pub tombstones: usize,
+    /// Bytes of vectors replaced or removed but not yet recycled: some
+    /// thread pinned when they were retired may still read them (epoch
+    /// grace period). Bounded by the writes made while the longest reader
+    /// was pinned; [`Index::collect_garbage`] recycles what it can.
+    pub pending_garbage_bytes: usize,
     /// Slots ever handed out (live + removed + never-published).
     pub slots: usize,
     /// Searches answered by an exact scan instead of the graph: unfiltered
@@ -259,13 +268,55 @@ impl Index {
     /// # Ok::<(), nann::Error>(())
     /// ```
     pub fn stats(&self) -> Stats {
+        let (removed, tombstones) = {
+            let free = self.free_slots.lock();
+            let linked = free
+                .iter()
+                .filter(|&&s| self.graph.cell_word(s) != NO_CELL)
+                .count();
+            (free.len(), linked)
+        };
         // Relaxed: statistics, not synchronisation.
         Stats {
             live: self.len(),
-            removed: self.free_slots.lock().len(),
+            removed,
+            tombstones,
+            pending_garbage_bytes: self.graph.vectors.pending_bytes(),
             slots: self.next_slot.load(Ordering::Relaxed),
             exact_scans: self.exact_scans.load(Ordering::Relaxed),
         }
+    }
+
+    /// Recycles the vectors whose grace period is over and returns the
+    /// bytes still pending (see [`Stats::pending_garbage_bytes`]).
+    ///
+    /// Writers recycle as they go; this is for a service gone idle after a
+    /// burst of updates, or a test. It makes a few rounds of flushing this
+    /// thread's deferred frees and advancing the epoch; garbage retired
+    /// while some thread is still pinned stays until that thread unpins.
+    /// Deferred frees sitting in *another* thread's local buffer (at most a
+    /// few dozen per writer thread) move on when that thread next writes.
+    ///
+    /// ```
+    /// let index = nann::Index::new(nann::IndexParams::new(4, nann::Metric::L2))?;
+    /// index.insert(1, &[1.0; 4])?;
+    /// for round in 0..100 {
+    ///     index.update(1, &[round as f32; 4])?;
+    /// }
+    /// assert_eq!(index.collect_garbage(), 0);
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn collect_garbage(&self) -> usize {
+        // Each round advances the epoch at most once and frees a few
+        // batches; a burst of thousands of updates fills dozens of batches.
+        const ROUNDS: usize = 256;
+        for _ in 0..ROUNDS {
+            if self.graph.vectors.pending_bytes() == 0 {
+                break;
+            }
+            self.pin().flush();
+        }
+        self.graph.vectors.pending_bytes()
     }
 
     /// Memory held by the index.

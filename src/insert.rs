@@ -238,6 +238,12 @@ impl Index {
             return;
         };
         let promoting = level > max_level;
+        // The seeded mutant `early_promotion` (loom builds) publishes the new
+        // top node as the entry point before it has any links; model L4
+        // must catch searches that start from it.
+        if promoting && crate::sync::mutant("early_promotion") {
+            self.graph.set_entry(slot, level);
+        }
 
         // A relinked node (update, reused slot) selects up to M0 forward
         // links on layer 0, not M: it gets no reverse links from the inserts
@@ -262,28 +268,12 @@ impl Index {
         );
 
         // Phase 1: every forward list, before anyone can reach the node.
-        if let Some(node) = self.graph.lock_node(slot) {
-            for (layer, neighbours) in plan.iter_mut().enumerate() {
-                if layer == 0 {
-                    // Children anchored here must stay; a promoted node also
-                    // links the old entry point, which it adopts below.
-                    let mut list = self.anchored_children(&node, &mut scratch.links);
-                    if promoting && !list.contains(&entry_slot) {
-                        list.push(entry_slot);
-                    }
-                    let room = self.graph.max_degree(0).saturating_sub(list.len());
-                    list.extend(
-                        neighbours
-                            .iter()
-                            .copied()
-                            .filter(|n| !list.contains(n))
-                            .take(room)
-                            .collect::<Vec<_>>(),
-                    );
-                    *neighbours = list;
-                }
-                self.graph.write_links(&node, layer, neighbours);
-            }
+        // The seeded mutant `reverse_links_first` (loom builds) writes them
+        // after phase 2 instead, which model L5 must catch: a search could
+        // then reach the node through a reverse link and find no list.
+        let reverse_first = crate::sync::mutant("reverse_links_first");
+        if !reverse_first {
+            self.write_forward_lists(slot, &mut plan, promoting, entry_slot, &mut scratch.links);
         }
         if promoting {
             // The new node becomes the root of the anchor tree: the old root
@@ -305,6 +295,9 @@ impl Index {
                 }
             }
         }
+        if reverse_first {
+            self.write_forward_lists(slot, &mut plan, promoting, entry_slot, &mut scratch.links);
+        }
         if needs_anchor {
             self.force_anchor(slot, &plan[0], guard);
         }
@@ -313,6 +306,42 @@ impl Index {
         }
         if promoting {
             self.graph.set_entry(slot, level);
+        }
+    }
+
+    /// Phase 1 of [`Index::connect`]: writes `slot`'s forward list on every
+    /// layer of `plan` (layer 0 keeps the children it anchors and, when
+    /// `promoting`, links the old entry point).
+    fn write_forward_lists(
+        &self,
+        slot: u32,
+        plan: &mut [Vec<u32>],
+        promoting: bool,
+        entry_slot: u32,
+        links: &mut Vec<u32>,
+    ) {
+        if let Some(node) = self.graph.lock_node(slot) {
+            for (layer, neighbours) in plan.iter_mut().enumerate() {
+                if layer == 0 {
+                    // Children anchored here must stay; a promoted node also
+                    // links the old entry point, which it adopts below.
+                    let mut list = self.anchored_children(&node, links);
+                    if promoting && !list.contains(&entry_slot) {
+                        list.push(entry_slot);
+                    }
+                    let room = self.graph.max_degree(0).saturating_sub(list.len());
+                    list.extend(
+                        neighbours
+                            .iter()
+                            .copied()
+                            .filter(|n| !list.contains(n))
+                            .take(room)
+                            .collect::<Vec<_>>(),
+                    );
+                    *neighbours = list;
+                }
+                self.graph.write_links(&node, layer, neighbours);
+            }
         }
     }
 

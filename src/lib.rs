@@ -66,6 +66,7 @@
 
 mod anchor;
 mod beam;
+mod compact;
 mod distance;
 #[cfg(not(loom))]
 mod durable;
@@ -77,6 +78,9 @@ mod invariants;
 mod keymap;
 mod level;
 mod lock;
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod model_hooks;
 mod parallel;
 mod params;
 #[cfg(not(loom))]
@@ -87,11 +91,12 @@ mod storage;
 mod sync;
 mod update;
 
+pub use compact::Compaction;
 pub use distance::{Distance, Isa, Metric};
 #[cfg(not(loom))]
 pub use durable::{DurableIndex, DurableOptions, ReplayReport, SNAPSHOT_FILE};
 pub use error::{Error, InvariantViolation, Result};
-pub use index::{Hit, Index, MemoryUsage};
+pub use index::{Hit, Index, MemoryUsage, Stats};
 pub use insert::Progress;
 pub use lock::{EntryLock, ReadVersion};
 pub use params::IndexParams;

@@ -111,7 +111,13 @@ impl Index {
         visited.insert(current.slot);
         for layer in (lowest..=highest).rev() {
             while let Some(list) = self.graph.links_view(current.slot, layer) {
-                collect_unvisited(list, &view, visited, fresh);
+                let _degree = collect_unvisited(list, &view, visited, fresh);
+                // Model L5 (loom builds) checks that no search expands a node
+                // whose layer-0 list is not written yet.
+                #[cfg(loom)]
+                if layer == 0 && _degree == 0 {
+                    crate::model_hooks::note_empty_expansion();
+                }
                 let mut improved = false;
                 for &(n, word) in fresh.iter() {
                     let Some(v) = view.vector_of_word(word) else {
@@ -218,7 +224,13 @@ impl Index {
             let Some(list) = self.graph.links_view(current.slot, layer) else {
                 continue;
             };
-            collect_unvisited(list, &view, visited, fresh);
+            let _degree = collect_unvisited(list, &view, visited, fresh);
+            // Model L5 (loom builds) checks that no search expands a node
+            // whose layer-0 list is not written yet.
+            #[cfg(loom)]
+            if layer == 0 && _degree == 0 {
+                crate::model_hooks::note_empty_expansion();
+            }
             for &(n, word) in fresh.iter() {
                 let Some(v) = view.vector_of_word(word) else {
                     continue;
@@ -538,12 +550,13 @@ impl Index {
 /// The ids are read straight from the list under an optimistic read; a
 /// torn read is rolled back (un-visited) and retried.
 #[inline(always)]
+/// Returns the list's length (as validated).
 fn collect_unvisited(
     list: LinksView<'_>,
     view: &SearchView<'_>,
     visited: &mut Visited,
     fresh: &mut Vec<(u32, u32)>,
-) {
+) -> usize {
     loop {
         let version = list.begin();
         fresh.clear();
@@ -556,7 +569,7 @@ fn collect_unvisited(
             }
         }
         if list.validate(version) {
-            return;
+            return list.len();
         }
         for &(n, _) in fresh.iter() {
             visited.unmark(n);

@@ -340,8 +340,10 @@ impl std::fmt::Debug for VectorArena {
 }
 
 impl VectorArena {
-    pub(crate) fn new(dim: usize, initial_cells: usize) -> Result<Self> {
-        let geometry = Geometry::new(initial_cells);
+    /// An arena of `initial_cells` cells that grows by chunks doubling from
+    /// `growth` cells.
+    pub(crate) fn new(dim: usize, initial_cells: usize, growth: usize) -> Result<Self> {
+        let geometry = Geometry::with_growth(initial_cells, growth);
         let arena = Self {
             dim,
             geometry,
@@ -461,7 +463,10 @@ impl VectorArena {
     /// Takes a private cell, writes `key` and `vector` into it, and returns it.
     /// The cell is not reachable by any reader until its id is published.
     pub(crate) fn allocate(&self, key: u64, vector: &[f32]) -> Result<CellId> {
+        // Two statements: the free list's guard must be gone before
+        // `reclaim_before_growth` runs deferred frees, which take it.
         let recycled = self.free.lock().pop();
+        let recycled = recycled.or_else(|| self.reclaim_before_growth());
         let cell = match recycled {
             Some(cell) => cell,
             None => {
@@ -489,6 +494,56 @@ impl VectorArena {
         Ok(cell)
     }
 
+    /// A recycled cell, if retired cells are pending and the next fresh cell
+    /// would open a new chunk: growing then would cost a whole chunk (memory
+    /// that stays) for cells whose grace period is merely not over yet.
+    /// Flushing this thread's deferred frees into the global queue and
+    /// collecting usually ends it within a few rounds, since searches and
+    /// writers unpin constantly. With a reader pinned for a long time it
+    /// cannot, and the arena grows: garbage is then bounded only by the
+    /// updates made during that pin (see [`VectorArena::pending_bytes`]).
+    fn reclaim_before_growth(&self) -> Option<CellId> {
+        const ROUNDS: usize = 4;
+        // Relaxed (both loads): a heuristic; a stale value costs at most an
+        // early chunk or a few wasted flushes.
+        let next = self.next.load(Ordering::Relaxed);
+        let (k, _) = self.geometry.locate(next);
+        if self
+            .chunks
+            .get(k)
+            .is_none_or(|c| !c.load(Ordering::Relaxed).is_null())
+        {
+            return None;
+        }
+        for _ in 0..ROUNDS {
+            if self.retired_pending.load(Ordering::Relaxed) == 0 {
+                return None;
+            }
+            crossbeam_epoch::pin().flush();
+            if let Some(cell) = self.free.lock().pop() {
+                return Some(cell);
+            }
+        }
+        None
+    }
+
+    /// Bytes of cells retired but not yet recycled (their grace period is
+    /// not over: some thread that was pinned when they were retired still
+    /// is, or no thread has collected since).
+    pub(crate) fn pending_bytes(&self) -> usize {
+        // Relaxed: a statistic.
+        self.retired_pending.load(Ordering::Relaxed) * (self.dim * 4 + 8)
+    }
+
+    /// Overwrites the key stored with a cell (seeded mutants only: a
+    /// published cell's key never changes).
+    pub(crate) fn set_key(&self, cell: CellId, key: u64) {
+        if let Some(slot) = self.keys.get(cell as usize) {
+            // Relaxed: this is the mutant's bug, a store after publication.
+            slot[0].store(key, Ordering::Relaxed);
+        }
+    }
+
     /// Returns a cell that was never published (e.g. after a failed insert).
     pub(crate) fn release_unpublished(&self, cell: CellId) {
         self.free.lock().push(cell);
@@ -497,6 +552,13 @@ impl VectorArena {
     /// Retires a cell that readers may still hold: it is recycled only after
     /// every thread currently pinned has unpinned.
     pub(crate) fn retire(&self, cell: CellId, guard: &Guard) {
+        // The seeded mutant `retire_frees_at_once` (loom builds,
+        // `scripts/loom-mutants.sh`) skips the grace period; model L2 must
+        // catch a reader that then sees the cell recycled under it.
+        if crate::sync::mutant("retire_frees_at_once") {
+            self.free.lock().push(cell);
+            return;
+        }
         let free = Arc::clone(&self.free);
         let pending = Arc::clone(&self.retired_pending);
         pending.fetch_add(1, Ordering::Relaxed);
@@ -738,7 +800,7 @@ mod tests {
 
     #[test]
     fn arena_round_trips_cells_and_recycles_after_grace() {
-        let arena = VectorArena::new(5, 64).unwrap();
+        let arena = VectorArena::new(5, 64, 64).unwrap();
         let a = arena.allocate(11, &[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
         let b = arena.allocate(22, &[5.0; 5]).unwrap();
         assert_ne!(a, b);

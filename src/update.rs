@@ -54,10 +54,24 @@ impl Index {
         let _op = self.op_lock(key).lock();
         let _gate = self.writer_gate.read();
         let slot = self.slot_of(key).ok_or(Error::KeyNotFound(key))?;
-        let cell = self.graph.vectors.allocate(key, &vector)?;
+        // The key is written with the vector, before the cell is published.
+        // The seeded mutant `update_key_after_publish` (loom builds) writes
+        // it after, which model L3 must catch: a search could then pair the
+        // new vector with a stale key.
+        let late_key = crate::sync::mutant("update_key_after_publish");
+        let cell = self
+            .graph
+            .vectors
+            .allocate(if late_key { u64::MAX } else { key }, &vector)?;
         let guard = self.pin();
         let old = match self.graph.lock_node(slot) {
-            Some(node) => self.graph.publish_cell(&node, cell),
+            Some(node) => {
+                let old = self.graph.publish_cell(&node, cell);
+                if late_key {
+                    self.graph.vectors.set_key(cell, key);
+                }
+                old
+            }
             None => NO_CELL,
         };
         if old != NO_CELL {

@@ -11,22 +11,30 @@
 //! | L1a lock: 1 writer, 1 reader (optimistic, then shared) | 2 | 2 | `unlock_relaxed`, `no_writer_fence`, `no_validate_fence` |
 //! | L1b lock: 1 writer, 2 readers (one optimistic, one shared) | 3 | 2 | `writer_ignores_readers` |
 //! | L1c lock: 2 writers, 1 reader | 3 | 1 | `writers_share` |
-//! | L3 index: in-place update vs search | 2 | 1 | (none yet) |
-//! | L5 index: insert (publication) vs search | 2 | 1 | (none yet) |
+//! | L2 vector arena: publish two generations and retire vs a pinned reader | 2 | 2 | `retire_frees_at_once` |
+//! | L3 index: in-place update vs search and lookup | 2 | 1 | `update_key_after_publish` |
+//! | L4 index: entry-point promotion vs search (both placements) | 2 | 1 | `early_promotion` |
+//! | L5 index: insert (publication) vs search (both placements) | 2 | 1 | `reverse_links_first` |
 //! | L6 index: remove vs update of the same key | 2 | 1 | `remove_skips_op_lock` |
 //!
 //! The index models run the real `Index` with crossbeam-epoch on loom too
 //! (`--cfg crossbeam_loom`, its `loom` feature, version pinned), so deferred
 //! frees are part of the model and every replay is deterministic (the key
-//! map's hasher is fixed-seeded under loom). They stop at preemption bound
-//! 1: at bound 2 the spinning entry lock makes the state space explode (a
-//! run did not finish in 8 minutes); the remedy, a
+//! map's hasher is fixed-seeded under loom). L2 and L4 reach internals
+//! through `nann::model_hooks`, compiled into loom builds only.
+//!
+//! What is not done: the index models stop at preemption bound 1, where
+//! only the main thread's operation can be interrupted (so L4 and L5 run
+//! each pair twice, once per placement; L3's other placement did not finish
+//! in 100 s). At bound 2 the spinning entry lock makes the state space
+//! explode (a run did not finish in 8 minutes); the remedy, a
 //! `loom::sync::RwLock` in the entry lock's place inside algorithm models,
-//! is not done yet, nor are L2 (epoch publish/retire on its own) and L4
-//! (entry-point promotion against a search).
+//! is not done yet. Found while writing the mutants: a `Relaxed` cell
+//! publication is not a bug today, because the entry lock's writer fence
+//! already releases the cell (see `Graph::publish_cell`).
 #![cfg(loom)]
 
-use loom::sync::atomic::{AtomicU32, Ordering};
+use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use loom::sync::Arc;
 use nann::{EntryLock, Index, IndexParams, Metric};
 
@@ -224,9 +232,48 @@ fn assert_hits_consistent(hits: &[nann::Hit], query: [f32; 2], versions: &[(u64,
     }
 }
 
+/// Runs `write` and `read` against each other under `model(1, ..)`, in
+/// both placements: at preemption bound 1 only the main thread's operation
+/// can be interrupted (the spawned one then runs whole inside the gap), so
+/// each pair runs twice, once with the write interrupted anywhere and once
+/// with the read interrupted anywhere. `read` returns its hits; `check`
+/// judges them and the index after both finished.
+fn both_ways(
+    setup: fn() -> Arc<Index>,
+    write: fn(&Index),
+    read: fn(&Index) -> Vec<nann::Hit>,
+    check: fn(&Index, Vec<nann::Hit>),
+) {
+    for write_in_main in [false, true] {
+        model(1, move || {
+            let index = setup();
+            let other = index.clone();
+            let hits = if write_in_main {
+                let reader = loom::thread::spawn(move || read(&other));
+                write(&index);
+                reader.join().unwrap()
+            } else {
+                let writer = loom::thread::spawn(move || write(&other));
+                let hits = read(&index);
+                writer.join().unwrap();
+                hits
+            };
+            check(&index, hits);
+        });
+    }
+}
+
 /// L3: an in-place update (vector and links) against a concurrent search
-/// (bound 1). The search sees every entry exactly once, at its old or its
-/// new position, never a torn one; the graph is intact after the join.
+/// (bound 1). The search is the interrupted thread: the update runs whole
+/// inside any gap of it (the other placement, the update interrupted
+/// anywhere, did not finish in 100 s). The search sees every entry exactly
+/// once, at its old or its new position, never a torn one, and finds them
+/// through the graph, and a lookup by key (`get`) finds it; the graph is
+/// intact after the join. Mutant `update_key_after_publish` stores the new
+/// cell's key after publishing the cell: a lookup resuming right after the
+/// update can then read the new cell with a stale key and miss the entry.
+/// (The search alone cannot catch it: every list it reads after the
+/// update synchronises with the lock releases that follow the late store.)
 #[test]
 fn l3_update_against_search() {
     model(1, || {
@@ -248,40 +295,56 @@ fn l3_update_against_search() {
                 (2, [2.0, 0.0]),
             ],
         );
+        assert_eq!(index.stats().exact_scans, 0, "{hits:?}");
+        // A lookup by key never misses the entry either, and reads one
+        // whole version of it.
+        let got = index
+            .get(1)
+            .expect("the entry went missing during its update");
+        assert!(got == [1.0, 0.0] || got == [10.0, 0.0], "{got:?}");
         updater.join().unwrap();
         index.check_invariants().unwrap();
         assert_eq!(index.search(&query, 1, 8).unwrap()[0].key, 1);
     });
 }
 
-/// L5: publication of a new node against a concurrent search (bound 1):
-/// the search returns the old entries and maybe the new one, each with its
-/// true distance; afterwards the new node is reachable and the graph intact.
+/// L5: publication of a new node against a concurrent search (bound 1,
+/// both placements): the search never expands a node whose layer-0 list is
+/// not written yet, and returns the old entries and maybe the new one, each
+/// with its true distance; afterwards the new node is reachable and the
+/// graph intact. Mutant `reverse_links_first` adds the reverse links before
+/// writing the node's own lists (usearch #735).
 #[test]
 fn l5_insert_against_search() {
-    model(1, || {
-        let index = small_index();
-        let inserter = {
-            let index = index.clone();
-            loom::thread::spawn(move || index.insert(3, &[3.0, 0.0]).unwrap())
-        };
-        let query = [2.5, 0.0];
-        let hits = index.search(&query, 4, 8).unwrap();
-        assert!(hits.len() >= 3, "an existing entry went missing: {hits:?}");
-        assert_hits_consistent(
-            &hits,
-            query,
-            &[
-                (0, [0.0, 0.0]),
-                (1, [1.0, 0.0]),
-                (2, [2.0, 0.0]),
-                (3, [3.0, 0.0]),
-            ],
-        );
-        inserter.join().unwrap();
-        index.check_invariants().unwrap();
-        assert_eq!(index.search(&query, 4, 8).unwrap().len(), 4);
-    });
+    both_ways(
+        small_index,
+        |index| index.insert(3, &[3.0, 0.0]).unwrap(),
+        |index| {
+            let before = nann::model_hooks::empty_expansions();
+            let hits = index.search(&[2.5, 0.0], 4, 8).unwrap();
+            assert_eq!(
+                nann::model_hooks::empty_expansions(),
+                before,
+                "a search expanded a node with no layer-0 list: {hits:?}"
+            );
+            hits
+        },
+        |index, hits| {
+            assert!(hits.len() >= 3, "an existing entry went missing: {hits:?}");
+            assert_hits_consistent(
+                &hits,
+                [2.5, 0.0],
+                &[
+                    (0, [0.0, 0.0]),
+                    (1, [1.0, 0.0]),
+                    (2, [2.0, 0.0]),
+                    (3, [3.0, 0.0]),
+                ],
+            );
+            index.check_invariants().unwrap();
+            assert_eq!(index.search(&[2.5, 0.0], 4, 8).unwrap().len(), 4);
+        },
+    );
 }
 
 /// L6: remove against update of the same key (bound 1). Either order is
@@ -314,4 +377,102 @@ fn l6_remove_against_update_of_the_same_key() {
             .iter()
             .all(|h| h.key != 1));
     });
+}
+
+/// L2: epoch publish and retire, on the vector arena alone (bound 2). A
+/// writer publishes two new generations of one entry's cell, retiring each
+/// replaced cell; a reader pinned across its load and read must see the
+/// generation it loaded, key and vector, never a cell recycled under it
+/// (mutant `retire_frees_at_once` recycles without the grace period).
+#[test]
+fn l2_epoch_publish_and_retire() {
+    use nann::model_hooks::Arena;
+    model(2, || {
+        let arena = Arc::new(Arena::new(1, 4).unwrap());
+        let first = arena.allocate(0, &[0.0]).unwrap();
+        // The published word: generation << 32 | cell.
+        let word = Arc::new(AtomicU64::new(first as u64));
+        let writer = {
+            let (arena, word) = (arena.clone(), word.clone());
+            loom::thread::spawn(move || {
+                for generation in 1..=2u64 {
+                    let cell = arena.allocate(generation, &[generation as f32]).unwrap();
+                    // AcqRel, as `Graph::publish_cell`.
+                    let old = word.swap(generation << 32 | cell as u64, Ordering::AcqRel);
+                    arena.retire(old as u32);
+                }
+            })
+        };
+        arena.pinned(|read| {
+            let published = word.load(Ordering::Acquire);
+            let (key, vector) = read(published as u32).unwrap();
+            let generation = published >> 32;
+            assert_eq!(key, generation, "cell recycled under a pinned reader");
+            assert_eq!(
+                vector,
+                vec![generation as f32],
+                "cell recycled under a pinned reader"
+            );
+        });
+        writer.join().unwrap();
+    });
+}
+
+/// The first seed whose level draws give two level-0 nodes, then a third
+/// above them (M 2: a draw is level >= 1 with probability 1/2), computed
+/// from the documented generator (`level.rs`), not read from the index.
+fn seed_promoting_the_third_insert() -> u64 {
+    fn splitmix64(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    let level = |seed: u64, i: u64| {
+        let bits = splitmix64(seed.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        let u = ((bits >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        (-u.ln() / 2f64.ln()) as usize
+    };
+    (0..1000)
+        .find(|&seed| level(seed, 0) == 0 && level(seed, 1) == 0 && level(seed, 2) >= 1)
+        .unwrap()
+}
+
+/// L4: entry-point and max-level promotion against a concurrent search
+/// (bound 1, both placements). The third insert draws a level above the
+/// graph's, so it becomes the entry point; a search at any moment must find
+/// both old entries through the graph, with no exact-scan fallback (mutant
+/// `early_promotion` publishes the new entry point before its links exist,
+/// and a search starting there finds nothing but it).
+#[test]
+fn l4_promotion_against_search() {
+    both_ways(
+        || {
+            let params = IndexParams::new(2, Metric::L2).m(2);
+            let index =
+                Arc::new(Index::new(params.seed(seed_promoting_the_third_insert())).unwrap());
+            for key in 0..2u64 {
+                index.insert(key, &[key as f32, 0.0]).unwrap();
+            }
+            assert_eq!(
+                nann::model_hooks::entry(&index).map(|(_, level)| level),
+                Some(0)
+            );
+            index
+        },
+        |index| index.insert(2, &[2.0, 0.0]).unwrap(),
+        |index| index.search(&[0.2, 0.0], 2, 8).unwrap(),
+        |index, hits| {
+            assert_eq!(
+                index.stats().exact_scans,
+                0,
+                "the graph search came up short: {hits:?}"
+            );
+            assert_eq!(hits.iter().map(|h| h.key).collect::<Vec<_>>(), vec![0, 1]);
+            let (_, level) = nann::model_hooks::entry(index).unwrap();
+            assert!(level >= 1, "the third insert was not promoted");
+            assert_eq!(index.search(&[2.0, 0.0], 1, 8).unwrap()[0].key, 2);
+            index.check_invariants().unwrap();
+        },
+    );
 }
