@@ -35,9 +35,10 @@
 //! readers see whole lists. Anchors are read only by writers, who wait.
 //!
 //! What compaction does not do: shrink the slot arrays. A detached slot's
-//! record stays allocated for the next insert (the vector cell is freed);
-//! an index whose live set shrank for good is made dense by saving it and
-//! opening the file.
+//! record (lock, lists, anchor: 8 + 8M bytes) stays allocated for the next
+//! insert, while its vector cell is freed; a saved file keeps the slots
+//! too. An index whose live set shrank for good and must give that memory
+//! back is rebuilt from its live entries.
 
 use std::collections::VecDeque;
 

@@ -503,7 +503,10 @@ impl VectorArena {
     /// cannot, and the arena grows: garbage is then bounded only by the
     /// updates made during that pin (see [`VectorArena::pending_bytes`]).
     fn reclaim_before_growth(&self) -> Option<CellId> {
-        const ROUNDS: usize = 4;
+        // Growth is rare, so this may take its time: a pinned thread that
+        // was descheduled (more threads than cores) holds the epoch back
+        // until it runs again, hence the yields between rounds.
+        const ROUNDS: usize = 16;
         // Relaxed (both loads): a heuristic; a stale value costs at most an
         // early chunk or a few wasted flushes.
         let next = self.next.load(Ordering::Relaxed);
@@ -523,6 +526,8 @@ impl VectorArena {
             if let Some(cell) = self.free.lock().pop() {
                 return Some(cell);
             }
+            #[cfg(not(loom))]
+            std::thread::yield_now();
         }
         None
     }
