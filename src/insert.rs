@@ -401,9 +401,6 @@ impl Index {
                 &mut Budget::unlimited(),
             );
             let mut found: Vec<Scored> = scratch.beam.results().collect();
-            if !found.is_empty() {
-                entries = found.clone();
-            }
             if layer == 1 && long_range {
                 layer1_found = found.clone();
             }
@@ -414,18 +411,21 @@ impl Index {
                 found.sort_unstable_by(|a, b| a.cmp(b).then(a.slot.cmp(&b.slot)));
                 found.dedup_by_key(|s| s.slot);
             }
-            if layer > top {
-                continue; // searched for its candidates only
+            // Layers above `top` are searched for their candidates only.
+            if layer <= top {
+                let candidates = self.with_vectors(&found, guard);
+                // hnswlib selects M forward links on every layer (M0 = 2M is
+                // room for reverse links on layer 0).
+                let max = if layer == 0 {
+                    layer0_max
+                } else {
+                    self.params.m
+                };
+                plan[layer] = self.select_neighbours(Vec::new(), &candidates, max, Pruned::Drop);
             }
-            let candidates = self.with_vectors(&found, guard);
-            // hnswlib selects M forward links on every layer (M0 = 2M is room
-            // for reverse links on layer 0).
-            let max = if layer == 0 {
-                layer0_max
-            } else {
-                self.params.m
-            };
-            plan[layer] = self.select_neighbours(Vec::new(), &candidates, max, Pruned::Drop);
+            if !found.is_empty() {
+                entries = found;
+            }
         }
         plan
     }

@@ -8,8 +8,9 @@
 //!   ├─ retire the old cell (recycled after the epoch grace period)
 //!   ├─ repair: each old neighbour n re-selects its list from
 //!   │          (n's list ∪ the node's old list) by the heuristic
-//!   └─ connect: search from the entry point, write the node's lists,
-//!               add reverse links (as an insert does)
+//!   └─ connect: search from the entry point (layer 1 with a full beam
+//!               too, for long links), write the node's lists, add
+//!               reverse links (as an insert does)
 //! ```
 //!
 //! This is hnswlib's `updatePoint` (repair the one-hop neighbourhood from
@@ -18,7 +19,11 @@
 //! position. hnswlib relinks only the node's forward lists, so a vector that
 //! moves far is reachable only through stale in-links near its old position;
 //! the reverse links make it findable where it now is, which is what keeps
-//! recall from decaying under repeated updates.
+//! recall from decaying under repeated updates. And a second one: the
+//! node's layer-0 candidates include a layer-1 search's, so a node that
+//! moved into a dense region still gets long links (see `plan_links`);
+//! without them, updates that move entries between clusters eroded the
+//! links between clusters.
 //!
 //! Removal marks the slot as a tombstone: the entry leaves results at once,
 //! its vector and lists keep bridging the graph, and the slot is reused by the
