@@ -42,6 +42,13 @@ fn random_vector(rng: &mut Rng) -> Vec<f32> {
     (0..DIM).map(|_| rng.uniform()).collect()
 }
 
+/// Keys `0..n` with random vectors, and the generator, to draw more.
+fn random_entries(n: u64, seed: u64) -> (Vec<(u64, Vec<f32>)>, Rng) {
+    let mut rng = Rng::new(seed);
+    let entries = (0..n).map(|k| (k, random_vector(&mut rng))).collect();
+    (entries, rng)
+}
+
 /// R@10 of `index` over `live` (key, vector) pairs, at ef 64, against brute
 /// force over exactly those vectors.
 fn recall_over(index: &Index, live: &[(u64, Vec<f32>)], queries: &Vectors) -> f64 {
@@ -74,8 +81,7 @@ fn fresh_build(live: &[(u64, Vec<f32>)]) -> Index {
 #[test]
 fn compact_after_removing_90_percent_restores_a_graph_as_good_as_a_fresh_build() {
     let n = 20_000u64;
-    let mut rng = Rng::new(1);
-    let all: Vec<(u64, Vec<f32>)> = (0..n).map(|k| (k, random_vector(&mut rng))).collect();
+    let (all, mut rng) = random_entries(n, 1);
     let index = fresh_build(&all);
     let mut live = Vec::new();
     for (key, v) in all {
@@ -153,8 +159,7 @@ fn compact_after_removing_90_percent_restores_a_graph_as_good_as_a_fresh_build()
 #[test]
 fn compact_runs_while_searches_and_is_serialised_with_writers() {
     let n = 6_000u64;
-    let mut rng = Rng::new(2);
-    let all: Vec<(u64, Vec<f32>)> = (0..n).map(|k| (k, random_vector(&mut rng))).collect();
+    let (all, _) = random_entries(n, 2);
     let index = Arc::new(fresh_build(&all));
     for key in (0..n).filter(|k| k % 3 != 0) {
         index.remove(key).unwrap();
@@ -199,8 +204,7 @@ fn compact_runs_while_searches_and_is_serialised_with_writers() {
 fn removal_churn_of_ten_times_capacity_keeps_memory_near_the_live_set() {
     let _serial = serial();
     let n = 10_000u64;
-    let mut rng = Rng::new(3);
-    let mut live: Vec<(u64, Vec<f32>)> = (0..n).map(|k| (k, random_vector(&mut rng))).collect();
+    let (mut live, _) = random_entries(n, 3);
     let index = Arc::new(fresh_build(&live));
     // 10 x capacity removes, each followed by an insert of a new key, on two
     // threads (each owns half of the live set).
@@ -252,8 +256,7 @@ fn removal_churn_of_ten_times_capacity_keeps_memory_near_the_live_set() {
 fn ten_updates_per_entry_keep_memory_within_ten_percent_of_the_build() {
     let _serial = serial();
     let n = 10_000u64;
-    let mut rng = Rng::new(4);
-    let live: Vec<(u64, Vec<f32>)> = (0..n).map(|k| (k, random_vector(&mut rng))).collect();
+    let (live, _) = random_entries(n, 4);
     let index = Arc::new(fresh_build(&live));
     let built = index.memory_usage().total();
     let workers: Vec<_> = (0..2u64)
@@ -282,8 +285,7 @@ fn ten_updates_per_entry_keep_memory_within_ten_percent_of_the_build() {
 fn epoch_garbage_drains_within_a_second_after_a_long_held_reader_lets_go() {
     let _serial = serial();
     let n = 5_000u64;
-    let mut rng = Rng::new(5);
-    let live: Vec<(u64, Vec<f32>)> = (0..n).map(|k| (k, random_vector(&mut rng))).collect();
+    let (live, _) = random_entries(n, 5);
     let index = Arc::new(fresh_build(&live));
     let cell_bytes = DIM * 4 + 8;
 
