@@ -56,7 +56,7 @@ use std::ptr::NonNull;
 use crossbeam_epoch::Guard;
 
 use crate::error::{Error, Result};
-use crate::lock::{EntryLock, EntryWriteGuard, ReadVersion};
+use crate::slot_lock::{ReadTicket, SlotLock, SlotLocks, SlotWriteGuard};
 #[cfg(not(loom))]
 use crate::storage::Keepalive;
 use crate::storage::{CellId, CellReader, Chunked, VectorArena};
@@ -222,7 +222,7 @@ impl PreparedUpper {
 #[derive(Debug)]
 pub(crate) struct NodeGuard<'a> {
     slot: u32,
-    _lock: EntryWriteGuard<'a>,
+    _lock: SlotWriteGuard<'a>,
 }
 
 impl NodeGuard<'_> {
@@ -244,15 +244,15 @@ pub(crate) struct VectorRef<'g> {
 /// successful `validate`, and discard what was read if validation fails.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LinksView<'a> {
-    lock: &'a EntryLock,
+    lock: SlotLock<'a>,
     degree: &'a AtomicU32,
     ids: &'a [AtomicU32],
 }
 
-impl LinksView<'_> {
+impl<'a> LinksView<'a> {
     /// Starts a read (waits while a writer holds the entry).
     #[inline]
-    pub(crate) fn begin(&self) -> ReadVersion {
+    pub(crate) fn begin(&self) -> ReadTicket<'a> {
         self.lock.read_begin()
     }
 
@@ -272,7 +272,7 @@ impl LinksView<'_> {
 
     /// Whether everything read since `begin` is a consistent snapshot.
     #[inline]
-    pub(crate) fn validate(&self, version: ReadVersion) -> bool {
+    pub(crate) fn validate(&self, version: ReadTicket<'a>) -> bool {
         self.lock.read_validate(version)
     }
 }
@@ -333,6 +333,9 @@ pub(crate) struct Graph {
     anchors: Chunked<AtomicU32>,
     entry: AtomicU64,
     pub(crate) vectors: VectorArena,
+    /// Word 0 of each level-0 record is the slot's lock; loom builds keep a
+    /// stand-in beside it (`slot_lock.rs`).
+    slot_locks: SlotLocks,
 }
 
 impl std::fmt::Debug for Graph {
@@ -363,6 +366,7 @@ impl Graph {
             cells: Chunked::new(capacity, 1, || AtomicU32::new(NO_CELL))?,
             anchors: Chunked::new(capacity, 1, || AtomicU32::new(UNANCHORED))?,
             entry: AtomicU64::new(NO_ENTRY),
+            slot_locks: SlotLocks::new(capacity)?,
             // Spare cells beyond the capacity: an update writes a new cell
             // before the old one's grace period ends, so a few hundred cells
             // are in flight under steady churn; without the spare, the first
@@ -404,6 +408,7 @@ impl Graph {
             });
         }
         self.level0.reserve(slots)?;
+        self.slot_locks.reserve(slots)?;
         self.cells.reserve(slots)?;
         self.anchors.reserve(slots)
     }
@@ -429,10 +434,15 @@ impl Graph {
     }
 
     #[inline]
-    pub(crate) fn lock(&self, slot: u32) -> Option<&EntryLock> {
-        self.level0
-            .get(slot as usize)
-            .map(|record| EntryLock::from_word(&record[0]))
+    pub(crate) fn lock(&self, slot: u32) -> Option<SlotLock<'_>> {
+        let record = self.level0.get(slot as usize)?;
+        self.slot_locks.get(&record[0], slot)
+    }
+
+    /// See `model_hooks::block_on_slot_locks`.
+    #[cfg(loom)]
+    pub(crate) fn block_on_slot_locks(&self) {
+        self.slot_locks.block();
     }
 
     /// Locks `slot` exclusively.
@@ -517,7 +527,7 @@ impl Graph {
             return false;
         };
         loop {
-            let version: ReadVersion = lock.read_begin();
+            let version = lock.read_begin();
             self.copy_list(degree, ids, out);
             if lock.read_validate(version) {
                 return true;
@@ -711,7 +721,7 @@ impl Graph {
         Some(((degree.load(Ordering::Relaxed) & DEGREE_MASK) as usize, ids))
     }
 
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn raw_list(&self, slot: u32, layer: usize) -> Option<(usize, Vec<u32>)> {
         let lock = self.lock(slot)?;
         let (degree, ids) = self.list(slot, layer)?;
@@ -849,6 +859,7 @@ impl Graph {
                     std::sync::Arc::clone(keep),
                 ),
                 entry: AtomicU64::new(NO_ENTRY),
+                slot_locks: SlotLocks::new(slots)?,
                 vectors: VectorArena::from_borrowed(
                     dim,
                     arrays.vectors,

@@ -87,6 +87,7 @@ mod params;
 pub mod persist;
 mod scratch;
 mod search;
+mod slot_lock;
 mod storage;
 mod sync;
 mod update;

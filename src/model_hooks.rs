@@ -62,3 +62,11 @@ pub(crate) fn note_empty_expansion() {
 pub fn empty_expansions() -> usize {
     EMPTY_EXPANSIONS.with(|n| n.get())
 }
+
+/// Switches every slot of `index` from the spinning entry lock to a
+/// blocking `loom::sync::RwLock` (see `slot_lock.rs`), so that an
+/// algorithm-level model can run at preemption bound 2. Call before the
+/// model's threads touch the index.
+pub fn block_on_slot_locks(index: &Index) {
+    index.graph.block_on_slot_locks();
+}

@@ -12,26 +12,27 @@
 //! | L1b lock: 1 writer, 2 readers (one optimistic, one shared) | 3 | 2 | `writer_ignores_readers` |
 //! | L1c lock: 2 writers, 1 reader | 3 | 1 | `writers_share` |
 //! | L2 vector arena: publish two generations and retire vs a pinned reader | 2 | 2 | `retire_frees_at_once` |
-//! | L3 index: in-place update vs search and lookup | 2 | 1 | `update_key_after_publish` |
-//! | L4 index: entry-point promotion vs search (both placements) | 2 | 1 | `early_promotion` |
-//! | L5 index: insert (publication) vs search (both placements) | 2 | 1 | `reverse_links_first` |
-//! | L6 index: remove vs update of the same key | 2 | 1 | `remove_skips_op_lock` |
+//! | L3 index: in-place update vs search and lookup | 2 | 2 (blocking), 1 (spinning) | `update_key_after_publish` |
+//! | L4 index: entry-point promotion vs search | 2 | 2 (blocking), 1 (spinning) | `early_promotion` |
+//! | L5 index: insert (publication) vs search | 2 | 2 (blocking), 1 (spinning) | `reverse_links_first` |
+//! | L6 index: remove vs update of the same key | 2 | 2 (blocking), 1 (spinning) | `remove_skips_op_lock` |
 //!
-//! The index models run the real `Index` with crossbeam-epoch on loom too
-//! (`--cfg crossbeam_loom`, its `loom` feature, version pinned), so deferred
-//! frees are part of the model and every replay is deterministic (the key
-//! map's hasher is fixed-seeded under loom). L2 and L4 reach internals
-//! through `nann::model_hooks`, compiled into loom builds only.
+//! The index models (L3-L6) run the real `Index` with crossbeam-epoch on
+//! loom too (`--cfg crossbeam_loom`, its `loom` feature, version pinned), so
+//! deferred frees are part of the model and every replay is deterministic
+//! (the key map's hasher is fixed-seeded under loom). L2 and L4 reach
+//! internals through `nann::model_hooks`, compiled into loom builds only.
 //!
-//! What is not done: the index models stop at preemption bound 1, where
-//! only the main thread's operation can be interrupted (so L4 and L5 run
-//! each pair twice, once per placement; L3's other placement did not finish
-//! in 100 s). At bound 2 the spinning entry lock makes the state space
-//! explode (a run did not finish in 8 minutes); the remedy, a
-//! `loom::sync::RwLock` in the entry lock's place inside algorithm models,
-//! is not done yet. Found while writing the mutants: a `Relaxed` cell
-//! publication is not a bug today, because the entry lock's writer fence
-//! already releases the cell (see `Graph::publish_cell`).
+//! Each index model runs at preemption bound 2 with a blocking
+//! `loom::sync::RwLock` in each slot lock's place (tokio's approach: the
+//! spinlock is proven on its own by L1, and at bound 2 its spinning makes
+//! the algorithm models explode: a run did not finish in 8 minutes), in
+//! both placements of its two operations; then again with the real
+//! spinlock at bound 1, which is the only way to reach an optimistic
+//! read's retry. See [`RUNS`] and `src/slot_lock.rs`. Found while writing
+//! the mutants: a `Relaxed` cell publication is not a bug today, because
+//! the entry lock's writer fence (and the blocking lock's release) already
+//! releases the cell (see `Graph::publish_cell`).
 #![cfg(loom)]
 
 use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -197,6 +198,88 @@ fn l1a_entry_lock_one_writer_one_reader() {
     });
 }
 
+/// How the index models run each pair of operations (a writing one and a
+/// reading one, on two threads).
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    /// The slots' locks: the real spinlock, or the blocking stand-in
+    /// (`nann::model_hooks::block_on_slot_locks`, see `slot_lock.rs`).
+    blocking: bool,
+    bound: usize,
+    /// Whether the main thread runs the writing operation (and the spawned
+    /// thread the reading one) or the other way round. At bound 1 only the
+    /// main thread's operation can be interrupted (the spawned one then runs
+    /// whole inside the gap), so the placement decides what is explored.
+    write_in_main: bool,
+}
+
+/// The runs of every index model: the blocking lock at bound 2 in both
+/// placements (the bound: every interleaving of the two
+/// operations that takes at most two preemptions), then the real spinlock
+/// at bound 1 in both placements, the only runs where an optimistic read
+/// can fail validation and retry. The spinning lock at bound 2 does not
+/// finish in minutes, nor does L3's update interrupted anywhere with the
+/// spinning lock (the fourth run; L3 takes the first three).
+///
+/// Bound 2 is needed: at bound 1 with the blocking lock, each of the
+/// index mutants (`update_key_after_publish`, `early_promotion`,
+/// `reverse_links_first`, `remove_skips_op_lock`) survives one of the two
+/// placements; at bound 2 each placement catches all four.
+const RUNS: [Run; 4] = [
+    Run {
+        blocking: true,
+        bound: 2,
+        write_in_main: false,
+    },
+    Run {
+        blocking: true,
+        bound: 2,
+        write_in_main: true,
+    },
+    Run {
+        blocking: false,
+        bound: 1,
+        write_in_main: false,
+    },
+    Run {
+        blocking: false,
+        bound: 1,
+        write_in_main: true,
+    },
+];
+
+/// Runs `write` and `read` against each other on two threads, once per
+/// run in `runs`: `setup` builds the index before the threads start,
+/// `read`'s result and the index are judged by `check` after both joined.
+fn model_pair<R: Send + 'static>(
+    runs: &[Run],
+    setup: fn() -> Arc<Index>,
+    write: fn(&Index),
+    read: fn(&Index) -> R,
+    check: fn(&Index, R),
+) {
+    for &run in runs {
+        model(run.bound, move || {
+            let index = setup();
+            if run.blocking {
+                nann::model_hooks::block_on_slot_locks(&index);
+            }
+            let other = index.clone();
+            let result = if run.write_in_main {
+                let reader = loom::thread::spawn(move || read(&other));
+                write(&index);
+                reader.join().unwrap()
+            } else {
+                let writer = loom::thread::spawn(move || write(&other));
+                let result = read(&index);
+                writer.join().unwrap();
+                result
+            };
+            check(&index, result);
+        });
+    }
+}
+
 /// A 3-entry index (dim 2, M 2) with key k at (k, 0), built before the
 /// model's threads start.
 fn small_index() -> Arc<Index> {
@@ -232,91 +315,58 @@ fn assert_hits_consistent(hits: &[nann::Hit], query: [f32; 2], versions: &[(u64,
     }
 }
 
-/// Runs `write` and `read` against each other under `model(1, ..)`, in
-/// both placements: at preemption bound 1 only the main thread's operation
-/// can be interrupted (the spawned one then runs whole inside the gap), so
-/// each pair runs twice, once with the write interrupted anywhere and once
-/// with the read interrupted anywhere. `read` returns its hits; `check`
-/// judges them and the index after both finished.
-fn both_ways(
-    setup: fn() -> Arc<Index>,
-    write: fn(&Index),
-    read: fn(&Index) -> Vec<nann::Hit>,
-    check: fn(&Index, Vec<nann::Hit>),
-) {
-    for write_in_main in [false, true] {
-        model(1, move || {
-            let index = setup();
-            let other = index.clone();
-            let hits = if write_in_main {
-                let reader = loom::thread::spawn(move || read(&other));
-                write(&index);
-                reader.join().unwrap()
-            } else {
-                let writer = loom::thread::spawn(move || write(&other));
-                let hits = read(&index);
-                writer.join().unwrap();
-                hits
-            };
-            check(&index, hits);
-        });
-    }
-}
-
 /// L3: an in-place update (vector and links) against a concurrent search
-/// (bound 1). The search is the interrupted thread: the update runs whole
-/// inside any gap of it (the other placement, the update interrupted
-/// anywhere, did not finish in 100 s). The search sees every entry exactly
-/// once, at its old or its new position, never a torn one, and finds them
-/// through the graph, and a lookup by key (`get`) finds it; the graph is
-/// intact after the join. Mutant `update_key_after_publish` stores the new
-/// cell's key after publishing the cell: a lookup resuming right after the
-/// update can then read the new cell with a stale key and miss the entry.
-/// (The search alone cannot catch it: every list it reads after the
-/// update synchronises with the lock releases that follow the late store.)
+/// and lookup. The search sees every entry exactly once, at its old or its
+/// new position, never a torn one, and finds them through the graph (no
+/// exact-scan fallback); a lookup by key (`get`) right after it finds the
+/// entry, whole; the graph is intact after the join. Mutant
+/// `update_key_after_publish` stores the new cell's key after publishing
+/// the cell: a lookup can then read the new cell with a stale key and miss
+/// the entry. (The search alone cannot catch it: every list it reads after
+/// the update synchronises with the lock releases that follow the late
+/// store.)
 #[test]
 fn l3_update_against_search() {
-    model(1, || {
-        let index = small_index();
-        let updater = {
-            let index = index.clone();
-            loom::thread::spawn(move || index.update(1, &[10.0, 0.0]).unwrap())
-        };
-        let query = [9.0, 0.0];
-        let hits = index.search(&query, 3, 8).unwrap();
-        assert_eq!(hits.len(), 3, "an entry went missing during its update");
-        assert_hits_consistent(
-            &hits,
-            query,
-            &[
-                (0, [0.0, 0.0]),
-                (1, [1.0, 0.0]),
-                (1, [10.0, 0.0]),
-                (2, [2.0, 0.0]),
-            ],
-        );
-        assert_eq!(index.stats().exact_scans, 0, "{hits:?}");
-        // A lookup by key never misses the entry either, and reads one
-        // whole version of it.
-        let got = index
-            .get(1)
-            .expect("the entry went missing during its update");
-        assert!(got == [1.0, 0.0] || got == [10.0, 0.0], "{got:?}");
-        updater.join().unwrap();
-        index.check_invariants().unwrap();
-        assert_eq!(index.search(&query, 1, 8).unwrap()[0].key, 1);
-    });
+    model_pair(
+        &RUNS[..3],
+        small_index,
+        |index| index.update(1, &[10.0, 0.0]).unwrap(),
+        |index| {
+            let hits = index.search(&[9.0, 0.0], 3, 8).unwrap();
+            let got = index.get(1);
+            (hits, got)
+        },
+        |index, (hits, got)| {
+            assert_eq!(hits.len(), 3, "an entry went missing during its update");
+            assert_hits_consistent(
+                &hits,
+                [9.0, 0.0],
+                &[
+                    (0, [0.0, 0.0]),
+                    (1, [1.0, 0.0]),
+                    (1, [10.0, 0.0]),
+                    (2, [2.0, 0.0]),
+                ],
+            );
+            assert_eq!(index.stats().exact_scans, 0, "{hits:?}");
+            let got = got.expect("the entry went missing during its update");
+            assert!(got == [1.0, 0.0] || got == [10.0, 0.0], "{got:?}");
+            index.check_invariants().unwrap();
+            assert_eq!(index.search(&[9.0, 0.0], 1, 8).unwrap()[0].key, 1);
+        },
+    );
 }
 
-/// L5: publication of a new node against a concurrent search (bound 1,
-/// both placements): the search never expands a node whose layer-0 list is
-/// not written yet, and returns the old entries and maybe the new one, each
-/// with its true distance; afterwards the new node is reachable and the
-/// graph intact. Mutant `reverse_links_first` adds the reverse links before
-/// writing the node's own lists (usearch #735).
+/// L5: publication of a new node against a concurrent search: the search
+/// never expands a node whose layer-0 list is not written yet, and returns
+/// the old entries and maybe the new one, each with its true distance;
+/// afterwards the new node is reachable and the graph intact. Mutant
+/// `reverse_links_first` adds the reverse links before writing the node's
+/// own lists (usearch #735).
 #[test]
 fn l5_insert_against_search() {
-    both_ways(
+    model_pair(
+        &RUNS,
         small_index,
         |index| index.insert(3, &[3.0, 0.0]).unwrap(),
         |index| {
@@ -347,36 +397,33 @@ fn l5_insert_against_search() {
     );
 }
 
-/// L6: remove against update of the same key (bound 1). Either order is
-/// fine (update then remove: both succeed; remove first: the update finds
-/// no key), but the key ends absent and the slot bookkeeping consistent:
-/// an update that re-published a removed slot would leave a live slot that
-/// no key maps (mutant `remove_skips_op_lock`).
+/// L6: remove against update of the same key. Either order is fine
+/// (update then remove: both succeed; remove first: the update finds no
+/// key), but the key ends absent and the slot bookkeeping consistent: an
+/// update that re-published a removed slot would leave a live slot that no
+/// key maps (mutant `remove_skips_op_lock`). Here the "writing" operation
+/// is the remove and the "reading" one the update.
 #[test]
 fn l6_remove_against_update_of_the_same_key() {
-    model(1, || {
-        let index = small_index();
-        // The remover is the spawned thread: with one preemption the main
-        // thread's update can be interrupted anywhere and the whole remove
-        // run inside it.
-        let remover = {
-            let index = index.clone();
-            loom::thread::spawn(move || index.remove(1).unwrap())
-        };
-        let updated = index.update(1, &[5.0, 0.0]);
-        remover.join().unwrap();
-        assert!(
-            matches!(updated, Ok(()) | Err(nann::Error::KeyNotFound(1))),
-            "{updated:?}"
-        );
-        assert!(!index.contains(1));
-        index.check_invariants().unwrap();
-        assert!(index
-            .search(&[5.0, 0.0], 3, 8)
-            .unwrap()
-            .iter()
-            .all(|h| h.key != 1));
-    });
+    model_pair(
+        &RUNS,
+        small_index,
+        |index| index.remove(1).unwrap(),
+        |index| index.update(1, &[5.0, 0.0]),
+        |index, updated| {
+            assert!(
+                matches!(updated, Ok(()) | Err(nann::Error::KeyNotFound(1))),
+                "{updated:?}"
+            );
+            assert!(!index.contains(1));
+            index.check_invariants().unwrap();
+            assert!(index
+                .search(&[5.0, 0.0], 3, 8)
+                .unwrap()
+                .iter()
+                .all(|h| h.key != 1));
+        },
+    );
 }
 
 /// L2: epoch publish and retire, on the vector arena alone (bound 2). A
@@ -438,15 +485,16 @@ fn seed_promoting_the_third_insert() -> u64 {
         .unwrap()
 }
 
-/// L4: entry-point and max-level promotion against a concurrent search
-/// (bound 1, both placements). The third insert draws a level above the
-/// graph's, so it becomes the entry point; a search at any moment must find
-/// both old entries through the graph, with no exact-scan fallback (mutant
-/// `early_promotion` publishes the new entry point before its links exist,
-/// and a search starting there finds nothing but it).
+/// L4: entry-point and max-level promotion against a concurrent search.
+/// The third insert draws a level above the graph's, so it becomes the
+/// entry point; a search at any moment must find both old entries through
+/// the graph, with no exact-scan fallback (mutant `early_promotion`
+/// publishes the new entry point before its links exist, and a search
+/// starting there finds nothing but it).
 #[test]
 fn l4_promotion_against_search() {
-    both_ways(
+    model_pair(
+        &RUNS,
         || {
             let params = IndexParams::new(2, Metric::L2).m(2);
             let index =
