@@ -21,11 +21,12 @@ declare -A MODEL=(
   [update_key_after_publish]=l3_update_against_search
   [early_promotion]=l4_promotion_against_search
   [reverse_links_first]=l5_insert_against_search
+  [seed_not_rescored]=l7_slot_reuse_against_search
 )
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(unlock_relaxed no_writer_fence no_validate_fence writer_ignores_readers writers_share
   retire_frees_at_once update_key_after_publish early_promotion reverse_links_first
-  remove_skips_op_lock)
+  remove_skips_op_lock seed_not_rescored)
 
 survivors=0
 for name in "${names[@]}"; do

@@ -1,8 +1,8 @@
 //! Entry points for the loom models in `tests/loom.rs`, compiled into loom
 //! builds only (`--cfg loom`) and hidden from the docs: L2 models the
 //! vector arena's epoch-based reclamation on its own, which the public API
-//! reaches only through whole updates, L4 checks the entry word, and L5
-//! counts searches that expanded a node with an empty layer-0 list.
+//! reaches only through whole updates, L4 and L7 read the entry point, and
+//! L5 counts searches that expanded a node with an empty layer-0 list.
 
 use crate::graph::Graph;
 use crate::index::Index;
@@ -44,6 +44,11 @@ impl Arena {
 /// The entry point and max level of `index`'s graph, for model L4.
 pub fn entry(index: &Index) -> Option<(u32, usize)> {
     Graph::entry(&index.graph)
+}
+
+/// The key stored with the entry point's vector, for model L7.
+pub fn entry_key(index: &Index) -> Option<u64> {
+    entry(index).map(|(slot, _)| index.key_at(slot))
 }
 
 std::thread_local! {

@@ -205,8 +205,10 @@ impl Index {
             // The entry was scored earlier (greedy descent, entry point);
             // if the slot has been updated or reused since, score what it
             // holds now, so the distance, the cell (hence the key) and the
-            // removal check all describe one and the same vector.
-            let entry = if v.cell == entry.cell {
+            // removal check all describe one and the same vector. The seeded
+            // mutant `seed_not_rescored` (loom builds) keeps the old score:
+            // model L7 must catch the removed key it then returns.
+            let entry = if v.cell == entry.cell || crate::sync::mutant("seed_not_rescored") {
                 entry
             } else {
                 Scored {

@@ -16,11 +16,12 @@
 //! | L4 index: entry-point promotion vs search | 2 | 2 (blocking), 1 (spinning) | `early_promotion` |
 //! | L5 index: insert (publication) vs search | 2 | 2 (blocking), 1 (spinning) | `reverse_links_first` |
 //! | L6 index: remove vs update of the same key | 2 | 2 (blocking), 1 (spinning) | `remove_skips_op_lock` |
+//! | L7 index: reuse of a removed entry's slot vs search | 2 | 2 (blocking) | `seed_not_rescored` |
 //!
-//! The index models (L3-L6) run the real `Index` with crossbeam-epoch on
+//! The index models (L3-L7) run the real `Index` with crossbeam-epoch on
 //! loom too (`--cfg crossbeam_loom`, its `loom` feature, version pinned), so
 //! deferred frees are part of the model and every replay is deterministic
-//! (the key map's hasher is fixed-seeded under loom). L2 and L4 reach
+//! (the key map's hasher is fixed-seeded under loom). L2, L4 and L7 reach
 //! internals through `nann::model_hooks`, compiled into loom builds only.
 //!
 //! Each index model runs at preemption bound 2 with a blocking
@@ -219,7 +220,8 @@ struct Run {
 /// at bound 1 in both placements, the only runs where an optimistic read
 /// can fail validation and retry. The spinning lock at bound 2 does not
 /// finish in minutes, nor does L3's update interrupted anywhere with the
-/// spinning lock (the fourth run; L3 takes the first three).
+/// spinning lock (the fourth run; L3 takes the first three), nor L7 with
+/// the spinning lock at all (L7 takes the first two).
 ///
 /// Bound 2 is needed: at bound 1 with the blocking lock, each of the
 /// index mutants (`update_key_after_publish`, `early_promotion`,
@@ -465,10 +467,11 @@ fn l2_epoch_publish_and_retire() {
     });
 }
 
-/// The first seed whose level draws give two level-0 nodes, then a third
-/// above them (M 2: a draw is level >= 1 with probability 1/2), computed
-/// from the documented generator (`level.rs`), not read from the index.
-fn seed_promoting_the_third_insert() -> u64 {
+/// The first index seed whose level draws for the first three inserts
+/// satisfy `wanted` (M 2: a draw is level >= 1 with probability 1/2),
+/// computed from the documented generator (`level.rs`), not read from the
+/// index.
+fn first_seed_where(wanted: impl Fn([usize; 3]) -> bool) -> u64 {
     fn splitmix64(mut z: u64) -> u64 {
         z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -481,8 +484,14 @@ fn seed_promoting_the_third_insert() -> u64 {
         (-u.ln() / 2f64.ln()) as usize
     };
     (0..1000)
-        .find(|&seed| level(seed, 0) == 0 && level(seed, 1) == 0 && level(seed, 2) >= 1)
+        .find(|&seed| wanted([level(seed, 0), level(seed, 1), level(seed, 2)]))
         .unwrap()
+}
+
+/// The first seed whose level draws give two level-0 nodes, then a third
+/// above them.
+fn seed_promoting_the_third_insert() -> u64 {
+    first_seed_where(|[a, b, c]| a == 0 && b == 0 && c >= 1)
 }
 
 /// L4: entry-point and max-level promotion against a concurrent search.
@@ -521,6 +530,54 @@ fn l4_promotion_against_search() {
             assert!(level >= 1, "the third insert was not promoted");
             assert_eq!(index.search(&[2.0, 0.0], 1, 8).unwrap()[0].key, 2);
             index.check_invariants().unwrap();
+        },
+    );
+}
+
+/// L7: reuse of a removed entry's slot against a search that scored the
+/// old occupant. Key 0 is the entry point (keys 1 and 2 draw level 0);
+/// it is removed before the threads start, and an insert of key 5 far away
+/// reuses its slot while a search near key 0's old vector runs. The
+/// search scores the entry point first (the old, removed vector); if the
+/// slot is reused before the layer-0 beam takes that score, the beam must
+/// score what the slot holds now, or it returns the removed key 0 at its
+/// old distance, accepted because the slot's new cell is live. Mutant
+/// `seed_not_rescored` keeps the old score. (This is the stress test's
+/// one distance mismatch, seen in a CI run before the rescoring existed:
+/// a key reported at the distance of an older, removed version of it.)
+/// Blocking runs only: with the spinning lock even bound 1 did not finish
+/// in a minute (24,000 executions and counting: the reusing insert relinks
+/// the slot, many more lock words for loom to explore).
+#[test]
+fn l7_slot_reuse_against_search() {
+    model_pair(
+        &RUNS[..2],
+        || {
+            let seed = first_seed_where(|[_, b, c]| b == 0 && c == 0);
+            let params = IndexParams::new(2, Metric::L2).m(2).seed(seed);
+            let index = Arc::new(Index::new(params).unwrap());
+            for key in 0..3u64 {
+                index.insert(key, &[key as f32, 0.0]).unwrap();
+            }
+            assert_eq!(nann::model_hooks::entry_key(&index), Some(0));
+            index.remove(0).unwrap();
+            index
+        },
+        |index| index.insert(5, &[9.0, 0.0]).unwrap(),
+        |index| index.search(&[0.0, 0.0], 2, 8).unwrap(),
+        |index, hits| {
+            assert!(
+                hits.iter().all(|h| h.key != 0),
+                "the removed key came back: {hits:?}"
+            );
+            assert_hits_consistent(
+                &hits,
+                [0.0, 0.0],
+                &[(1, [1.0, 0.0]), (2, [2.0, 0.0]), (5, [9.0, 0.0])],
+            );
+            assert_eq!(hits.iter().map(|h| h.key).collect::<Vec<_>>(), vec![1, 2]);
+            index.check_invariants().unwrap();
+            assert_eq!(index.search(&[9.0, 0.0], 1, 8).unwrap()[0].key, 5);
         },
     );
 }
