@@ -28,9 +28,14 @@
 //! `{"ops":..,"recall":..,"fresh_recall":..,"self_recall":..}`
 //! (`ops` counts updates plus remove/re-insert pairs so far; the first line,
 //! `ops` 0, is the initial build). The search cost (QPS of the queries on
-//! one thread, churned / fresh) and the memory (`memory_usage().total()`
-//! against the initial build and against the fresh build) go to stderr,
-//! so the JSON keys stay exactly as specified.
+//! one thread, churned / fresh), the distances computed per query
+//! (`search_with_stats`), the fresh build's recall at the churned index's
+//! distances per query (interpolated over ef = 1/2 .. 2x `--ef`: the
+//! comparison at equal work, since a churned graph can be denser; QPS on a
+//! shared machine is too noisy for it) and the memory
+//! (`memory_usage().total()` against the initial
+//! build and against the fresh build) go to stderr, so the JSON keys stay
+//! exactly as specified.
 
 mod support;
 
@@ -147,6 +152,12 @@ struct Checkpoint {
     /// recall at equal ef is only a fair comparison at similar cost.
     qps: f64,
     fresh_qps: f64,
+    /// Distances computed per query, churned and fresh (at `--ef`).
+    distances: f64,
+    fresh_distances: f64,
+    /// The fresh build's recall at the churned index's distances per query,
+    /// interpolated over a sweep of ef: the comparison at equal work.
+    fresh_recall_at_cost: f64,
     self_recall: f64,
     short_queries: usize,
     /// `memory_usage().total()` of the churned index and of the fresh build.
@@ -162,18 +173,30 @@ fn measure(
 ) -> Result<Checkpoint, String> {
     let k = 10;
     let truth = support::ground_truth(current, queries, k, "l2", args.threads);
-    let timer = std::time::Instant::now();
-    let found = support::search_keys(index, queries, k, args.ef).map_err(|e| e.to_string())?;
-    let qps = queries.len() as f64 / timer.elapsed().as_secs_f64();
-    let short_queries = found.iter().filter(|hits| hits.len() != k).count();
-    let recall = support::recall(&found, &truth, k, k);
+    let churned = run_queries(index, queries, k, args.ef)?;
+    let short_queries = churned.found.iter().filter(|hits| hits.len() != k).count();
+    let recall = support::recall(&churned.found, &truth, k, k);
 
     let fresh = build(current, args)?;
-    let timer = std::time::Instant::now();
-    let fresh_found =
-        support::search_keys(&fresh, queries, k, args.ef).map_err(|e| e.to_string())?;
-    let fresh_qps = queries.len() as f64 / timer.elapsed().as_secs_f64();
-    let fresh_recall = support::recall(&fresh_found, &truth, k, k);
+    // The fresh build over a sweep of ef: (distances per query, recall).
+    let mut sweep = Vec::new();
+    let (mut fresh_recall, mut fresh_qps) = (0.0, 0.0);
+    for ef in [
+        args.ef / 2,
+        args.ef * 3 / 4,
+        args.ef,
+        args.ef * 5 / 4,
+        args.ef * 3 / 2,
+        args.ef * 2,
+    ] {
+        let run = run_queries(&fresh, queries, k, ef.max(k))?;
+        let r = support::recall(&run.found, &truth, k, k);
+        if ef == args.ef {
+            (fresh_recall, fresh_qps) = (r, run.qps);
+        }
+        sweep.push((run.distances, r));
+    }
+    let fresh_recall_at_cost = recall_at_cost(&sweep, churned.distances);
     let fresh_memory = fresh.memory_usage().total();
     drop(fresh);
 
@@ -203,13 +226,58 @@ fn measure(
     Ok(Checkpoint {
         recall,
         fresh_recall,
-        qps,
+        qps: churned.qps,
         fresh_qps,
+        distances: churned.distances,
+        fresh_distances: sweep[2].0,
+        fresh_recall_at_cost,
         self_recall: found_self.load(Ordering::Relaxed) as f64 / current.len() as f64,
         short_queries,
         memory: index.memory_usage().total(),
         fresh_memory,
     })
+}
+
+/// One pass of the queries on one thread.
+struct QueryRun {
+    found: Vec<Vec<u64>>,
+    /// Queries per second (noisy: cache warmth, the machine's other load).
+    qps: f64,
+    /// Mean distances computed per query (exact: the cost to compare).
+    distances: f64,
+}
+
+fn run_queries(index: &Index, queries: &Vectors, k: usize, ef: usize) -> Result<QueryRun, String> {
+    let timer = std::time::Instant::now();
+    let mut distances = 0usize;
+    let mut found = Vec::with_capacity(queries.len());
+    for query in queries.rows() {
+        let (hits, stats) = index
+            .search_with_stats(query, k, ef)
+            .map_err(|e| e.to_string())?;
+        distances += stats.distances;
+        found.push(hits.iter().map(|h| h.key).collect());
+    }
+    let n = queries.len() as f64;
+    Ok(QueryRun {
+        found,
+        qps: n / timer.elapsed().as_secs_f64(),
+        distances: distances as f64 / n,
+    })
+}
+
+/// Recall at `cost` distances per query on a curve of (distances, recall)
+/// points measured at growing ef: linear between the two points around
+/// `cost`, clamped at the ends.
+fn recall_at_cost(sweep: &[(f64, f64)], cost: f64) -> f64 {
+    match sweep.iter().position(|&(d, _)| d >= cost) {
+        None => sweep.last().map_or(0.0, |p| p.1),
+        Some(0) => sweep[0].1,
+        Some(i) => {
+            let ((d0, r0), (d1, r1)) = (sweep[i - 1], sweep[i]);
+            r0 + (r1 - r0) * (cost - d0) / (d1 - d0)
+        }
+    }
 }
 
 fn build(vectors: &Vectors, args: &Args) -> Result<Index, String> {
@@ -236,18 +304,26 @@ fn report(args: &Args, ops: u64, c: &Checkpoint, initial_memory: usize) {
         );
         // The contract's keys stay exactly as specified; the cost goes to stderr.
         eprintln!(
-            "ops {ops}: qps {:.0} vs fresh {:.0} ({:.2}x), {memory}",
+            "ops {ops}: qps {:.0} vs fresh {:.0} ({:.2}x), distances/query {:.0} vs fresh {:.0} ({:.2}x), fresh recall at equal distances {:.4} (gap {:+.4}), {memory}",
             c.qps,
             c.fresh_qps,
-            c.qps / c.fresh_qps
+            c.qps / c.fresh_qps,
+            c.distances,
+            c.fresh_distances,
+            c.distances / c.fresh_distances,
+            c.fresh_recall_at_cost,
+            c.recall - c.fresh_recall_at_cost
         );
     } else {
         println!(
-            "ops {ops:>9}: recall {:.4} (fresh build {:.4}, gap {:+.4}), self-recall {:.5}, qps {:.0} vs fresh {:.0} ({:.2}x), {memory}",
+            "ops {ops:>9}: recall {:.4} (fresh build {:.4}, gap {:+.4}; at equal distances {:.4}, gap {:+.4}), self-recall {:.5}, distances/query {:.2}x fresh, qps {:.0} vs fresh {:.0} ({:.2}x), {memory}",
             c.recall,
             c.fresh_recall,
             c.recall - c.fresh_recall,
+            c.fresh_recall_at_cost,
+            c.recall - c.fresh_recall_at_cost,
             c.self_recall,
+            c.distances / c.fresh_distances,
             c.qps,
             c.fresh_qps,
             c.qps / c.fresh_qps

@@ -103,3 +103,4 @@ pub use lock::{EntryLock, ReadVersion};
 pub use params::IndexParams;
 #[cfg(not(loom))]
 pub use persist::{Durability, FileInfo, FormatError};
+pub use search::SearchStats;

@@ -98,6 +98,9 @@ pub(crate) struct Scratch {
     pub(crate) fresh: Vec<(u32, u32)>,
     /// The prepared (normalised) query.
     pub(crate) query: Vec<f32>,
+    /// Distances computed by the last greedy descent (for
+    /// [`SearchStats`](crate::SearchStats)).
+    pub(crate) descent_distances: usize,
 }
 
 /// The pool; at most `MAX_POOLED` scratches are kept.

@@ -27,6 +27,19 @@ use crate::index::{Hit, Index};
 use crate::scratch::{Scored, Scratch, Visited};
 use crate::sync::Ordering;
 
+/// What one search cost (see [`Index::search_with_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SearchStats {
+    /// Distances computed: the entry point, the greedy descent through the
+    /// upper layers, the layer-0 beam (and, after a fallback, one per live
+    /// entry; a seed rescored because its slot changed mid-search is not
+    /// counted).
+    pub distances: usize,
+    /// Whether the graph search came up short and an exact scan answered.
+    pub exact_scan: bool,
+}
+
 /// A cap on distance computations for one layer search.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Budget {
@@ -106,7 +119,13 @@ impl Index {
         guard: &Guard,
         distance: impl Fn(&[f32], &[f32]) -> f32,
     ) -> Scored {
-        let Scratch { visited, fresh, .. } = scratch;
+        let Scratch {
+            visited,
+            fresh,
+            descent_distances,
+            ..
+        } = scratch;
+        *descent_distances = 0;
         let view = self.graph.search_view(guard);
         visited.insert(current.slot);
         for layer in (lowest..=highest).rev() {
@@ -124,6 +143,7 @@ impl Index {
                         continue;
                     };
                     let dist = distance(query, v.vector);
+                    *descent_distances += 1;
                     if dist < current.dist {
                         current = Scored {
                             dist,
@@ -317,8 +337,36 @@ impl Index {
     /// # Ok::<(), nann::Error>(())
     /// ```
     pub fn search(&self, query: &[f32], k: usize, ef: usize) -> Result<Vec<Hit>> {
+        self.search_with_stats(query, k, ef).map(|(hits, _)| hits)
+    }
+
+    /// [`search`](Self::search), also reporting what the search cost: the
+    /// distances it computed (a machine-independent measure, for comparing
+    /// recall at equal work, e.g. between two graphs over the same vectors)
+    /// and whether it fell back to an exact scan. Nothing is shared between
+    /// searches: the counts are the caller's alone.
+    ///
+    /// ```
+    /// use nann::{Index, IndexParams, Metric};
+    /// let index = Index::new(IndexParams::new(1, Metric::L2))?;
+    /// for key in 0..1000u64 {
+    ///     index.insert(key, &[key as f32])?;
+    /// }
+    /// let (hits, stats) = index.search_with_stats(&[500.2], 5, 32)?;
+    /// assert_eq!(hits[0].key, 500);
+    /// assert!(stats.distances >= 32 && stats.distances < 1000);
+    /// assert!(!stats.exact_scan);
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn search_with_stats(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+    ) -> Result<(Vec<Hit>, SearchStats)> {
         let mut scratch = self.take_scratch();
         let mut buffer = std::mem::take(&mut scratch.query);
+        let mut stats = SearchStats::default();
         let outcome = self.prepare_query(query, &mut buffer).map(|prepared| {
             if k == 0 {
                 return Vec::new();
@@ -327,6 +375,7 @@ impl Index {
             let Some(seeds) = self.layer0_seeds(prepared, &mut scratch, &guard) else {
                 return Vec::new();
             };
+            let mut budget = Budget::unlimited();
             self.search_layer(
                 prepared,
                 &seeds,
@@ -335,16 +384,20 @@ impl Index {
                 &mut scratch,
                 &guard,
                 |_, v: &VectorRef<'_>| !v.tombstoned,
-                &mut Budget::unlimited(),
+                &mut budget,
             );
+            // The entry point, the descent, the layer-0 beam.
+            stats.distances = 1 + scratch.descent_distances + budget.spent;
             let hits = self.take_hits(&mut scratch, k);
             if hits.len() < k && hits.len() < self.len() {
+                stats.exact_scan = true;
+                stats.distances += self.len();
                 return self.exact_scan(prepared, k, &|_| true, &guard);
             }
             hits
         });
         scratch.query = buffer;
-        outcome
+        outcome.map(|hits| (hits, stats))
     }
 
     /// The `k` nearest live entries whose key passes `filter`.

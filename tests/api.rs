@@ -231,3 +231,28 @@ fn memory_per_entry_is_vector_plus_links_plus_fixed_state() {
         per_entry(usage.fixed)
     );
 }
+
+/// `search_with_stats` returns exactly `search`'s hits, and its distance
+/// count follows the work: a wider beam computes more distances, a beam as
+/// wide as the index computes at least one per entry, and a search through
+/// the graph never counts a fallback scan.
+#[test]
+fn search_stats_count_the_work() {
+    let index = Index::new(params(4)).unwrap();
+    let n = 2000u64;
+    for key in 0..n {
+        let x = key as f32;
+        index
+            .insert(key, &[x.sin(), x.cos(), (x * 0.37).sin(), (x * 0.11).cos()])
+            .unwrap();
+    }
+    let query = [0.3, -0.2, 0.9, 0.1];
+    let (hits, narrow) = index.search_with_stats(&query, 10, 16).unwrap();
+    assert_eq!(hits, index.search(&query, 10, 16).unwrap());
+    assert!(!narrow.exact_scan);
+    let (_, wide) = index.search_with_stats(&query, 10, 256).unwrap();
+    assert!(narrow.distances < wide.distances, "{narrow:?} vs {wide:?}");
+    assert!(narrow.distances >= 16, "{narrow:?}");
+    let (_, all) = index.search_with_stats(&query, 10, n as usize).unwrap();
+    assert!(all.distances >= n as usize, "{all:?}");
+}
