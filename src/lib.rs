@@ -29,6 +29,7 @@
 //! * [`Index::insert`], [`Index::search`] (top-k, `ef` per call),
 //!   [`Index::search_filtered`] (predicate on the key, with an exact-scan
 //!   fallback for selective filters), [`Index::search_batch`],
+//!   [`Index::search_with_stats`] (the distances one search computed),
 //!   [`Index::update`] (in place: vector and links), [`Index::remove`]
 //!   (immediate; the slot is reused), [`Index::insert_many`] (parallel bulk
 //!   build with progress), [`Index::check_invariants`], [`Index::stats`],
