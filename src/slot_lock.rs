@@ -23,7 +23,7 @@
 //! succeeds: a validated optimistic read and a shared hold observe the
 //! same snapshots (no writer between begin and validate), so the algorithm
 //! sees the same states. What the blocking models cannot reach is the retry
-//! after a failed validation; the same models also run with the spinning
+//! after a failed validation; models L3-L6 also run with the spinning
 //! lock at bound 1, which covers it.
 
 #[cfg(not(loom))]
