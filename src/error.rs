@@ -53,6 +53,13 @@ pub enum Error {
         /// What is wrong and what range is accepted.
         reason: String,
     },
+    /// A [`Scorer`](crate::Scorer) failed; the search that called it ends
+    /// with this error.
+    #[error("scorer failed: {message}")]
+    Scorer {
+        /// The scorer's own description of the failure.
+        message: String,
+    },
     /// An I/O operation on an index file failed.
     #[error("{operation} {path}: {message}")]
     Io {

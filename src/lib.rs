@@ -67,6 +67,7 @@
 
 mod anchor;
 mod beam;
+mod beam_retrieval;
 mod compact;
 mod distance;
 #[cfg(not(loom))]
@@ -86,6 +87,7 @@ mod parallel;
 mod params;
 #[cfg(not(loom))]
 pub mod persist;
+mod scorer;
 mod scratch;
 mod search;
 mod slot_lock;
@@ -93,6 +95,7 @@ mod storage;
 mod sync;
 mod update;
 
+pub use beam_retrieval::{BeamParams, ScoredHit};
 pub use compact::Compaction;
 pub use distance::{Distance, Isa, Metric};
 #[cfg(not(loom))]
@@ -104,4 +107,5 @@ pub use lock::{EntryLock, ReadVersion};
 pub use params::IndexParams;
 #[cfg(not(loom))]
 pub use persist::{Durability, FileInfo, FormatError};
+pub use scorer::{CandidateBatch, MetricScorer, Scorer};
 pub use search::SearchStats;
