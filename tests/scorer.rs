@@ -270,3 +270,65 @@ fn bad_parameters_scorer_errors_and_nan_scores() {
         .windows(2)
         .all(|w| w[0].score >= w[1].score));
 }
+
+/// Beam retrieval while the entries move: an updater flips every key
+/// between two known vectors while searches run. Each hit's score must be
+/// the score of one of its key's two vectors (key and vector from one
+/// version), keys unique, scores sorted.
+#[test]
+fn retrieval_during_updates_sees_whole_versions() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let n = 5_000usize;
+    let a = random_vectors(n, 8, 11);
+    let b = random_vectors(n, 8, 12);
+    let index = build(&a);
+    let stop = AtomicBool::new(false);
+    let scorer = MetricScorer::new(Metric::L2);
+    let params = BeamParams::default().layers(&[(32, 1), (64, 2)]).top(20);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut round = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                for key in (round % 7..n).step_by(7) {
+                    let v = if round % 2 == 0 { &b[key] } else { &a[key] };
+                    index.update(key as u64, v).unwrap();
+                }
+                round += 1;
+            }
+        });
+        /// Stops the updater also when an assertion below panics (the
+        /// scope would otherwise wait for it forever).
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut searches = 0;
+        for q in random_vectors(100_000, 8, 13) {
+            if std::time::Instant::now() > deadline {
+                break;
+            }
+            let hits = index.search_with(&scorer, &q[..], &params).unwrap();
+            assert_eq!(hits.len(), 20);
+            assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+            let mut keys: Vec<u64> = hits.iter().map(|h| h.key).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            assert_eq!(keys.len(), hits.len(), "a key twice: {hits:?}");
+            for hit in &hits {
+                let k = hit.key as usize;
+                let whole = [&a[k], &b[k]].iter().any(|v| {
+                    let d = l2(&q, v);
+                    (hit.score + d).abs() <= 1e-4 * d.max(1.0)
+                });
+                assert!(whole, "{hit:?} matches neither version of its key");
+            }
+            searches += 1;
+        }
+        assert!(searches > 0);
+    });
+    index.check_invariants().unwrap();
+}
