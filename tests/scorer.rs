@@ -290,7 +290,11 @@ fn retrieval_during_updates_sees_whole_versions() {
             let mut round = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 for key in (round % 7..n).step_by(7) {
-                    let v = if round % 2 == 0 { &b[key] } else { &a[key] };
+                    let v = if round.is_multiple_of(2) {
+                        &b[key]
+                    } else {
+                        &a[key]
+                    };
                     index.update(key as u64, v).unwrap();
                 }
                 round += 1;
