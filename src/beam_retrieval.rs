@@ -181,6 +181,7 @@ impl Index {
         keep_best(&mut beam, params.of_layer(start).0);
 
         let mut fresh = Vec::new();
+        let mut candidates = Vec::new();
         let mut frontier: Vec<u32> = Vec::new();
         for layer in (0..start).rev() {
             let (ef, rounds) = params.of_layer(layer);
@@ -191,7 +192,7 @@ impl Index {
                 frontier.push(c.slot);
             }
             for _ in 0..rounds {
-                let mut candidates = Vec::new();
+                candidates.clear();
                 for &slot in &frontier {
                     self.graph.read_links(slot, layer, &mut links);
                     candidates.extend(links.iter().copied().filter(|&n| visited.insert(n)));
