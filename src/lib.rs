@@ -66,6 +66,8 @@
 #![warn(missing_debug_implementations, unsafe_op_in_unsafe_fn)]
 
 mod anchor;
+#[cfg(all(feature = "bar", not(loom)))]
+pub mod bar;
 mod beam;
 mod beam_retrieval;
 mod compact;

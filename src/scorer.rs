@@ -69,6 +69,8 @@ pub struct CandidateBatch<'a> {
     keys: &'a [u64],
     vectors: &'a [f32],
     dim: usize,
+    payloads: &'a [u8],
+    payload_len: usize,
 }
 
 impl<'a> CandidateBatch<'a> {
@@ -91,7 +93,41 @@ impl<'a> CandidateBatch<'a> {
                 ),
             });
         }
-        Ok(Self { keys, vectors, dim })
+        Ok(Self {
+            keys,
+            vectors,
+            dim,
+            payloads: &[],
+            payload_len: 0,
+        })
+    }
+
+    /// The same batch with each candidate's payload: `payloads` holds
+    /// `len() * payload_len` bytes, candidate `i`'s at
+    /// `i * payload_len..(i + 1) * payload_len`.
+    ///
+    /// ```
+    /// let batch = nann::CandidateBatch::new(&[7, 9], &[1.0, 2.0], 1)?
+    ///     .with_payloads(&[1, 2, 3, 4], 2)?;
+    /// assert_eq!(batch.payload(1), &[3, 4]);
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn with_payloads(self, payloads: &'a [u8], payload_len: usize) -> Result<Self> {
+        if self.keys.len().checked_mul(payload_len) != Some(payloads.len()) {
+            return Err(crate::Error::InvalidParameter {
+                name: "payloads",
+                reason: format!(
+                    "{} bytes for {} keys of payload length {payload_len}",
+                    payloads.len(),
+                    self.keys.len()
+                ),
+            });
+        }
+        Ok(Self {
+            payloads,
+            payload_len,
+            ..self
+        })
     }
 
     /// Candidates in the batch.
@@ -126,6 +162,27 @@ impl<'a> CandidateBatch<'a> {
     /// If `i >= len()`.
     pub fn vector(&self, i: usize) -> &'a [f32] {
         &self.vectors[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// Bytes of payload per candidate (the index's
+    /// [`payload_len`](crate::IndexParams::payload_len); 0 without payloads).
+    pub fn payload_len(&self) -> usize {
+        self.payload_len
+    }
+
+    /// All payloads, concatenated (`len() * payload_len()` bytes).
+    pub fn payloads(&self) -> &'a [u8] {
+        self.payloads
+    }
+
+    /// Candidate `i`'s payload, read in the same consistent snapshot as its
+    /// vector (empty when the index stores no payloads).
+    ///
+    /// # Panics
+    /// If `i >= len()`.
+    pub fn payload(&self, i: usize) -> &'a [u8] {
+        assert!(i < self.keys.len(), "candidate {i} of {}", self.keys.len());
+        &self.payloads[i * self.payload_len..(i + 1) * self.payload_len]
     }
 }
 
