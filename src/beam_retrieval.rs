@@ -121,6 +121,7 @@ struct Batch {
     removed: Vec<bool>,
     keys: Vec<u64>,
     vectors: Vec<f32>,
+    payloads: Vec<u8>,
     scores: Vec<f32>,
 }
 
@@ -243,6 +244,7 @@ impl Index {
         batch.removed.clear();
         batch.keys.clear();
         batch.vectors.clear();
+        batch.payloads.clear();
         for &slot in slots {
             // Key and vector from the one cell loaded here: one version.
             let Some(v) = self.graph.vector(slot, guard) else {
@@ -252,6 +254,9 @@ impl Index {
             batch.removed.push(v.tombstoned);
             batch.keys.push(self.graph.vectors.key(v.cell));
             batch.vectors.extend_from_slice(v.vector);
+            self.graph
+                .vectors
+                .payload_into(v.cell, guard, &mut batch.payloads);
         }
         if batch.slots.is_empty() {
             return Ok(());
@@ -259,7 +264,8 @@ impl Index {
         batch.scores.clear();
         // NaN until written: a scorer that skips a candidate ranks it last.
         batch.scores.resize(batch.slots.len(), f32::NAN);
-        let candidates = CandidateBatch::new(&batch.keys, &batch.vectors, self.params.dim)?;
+        let candidates = CandidateBatch::new(&batch.keys, &batch.vectors, self.params.dim)?
+            .with_payloads(&batch.payloads, self.params.payload_len)?;
         scorer.score_batch(query, &candidates, &mut batch.scores)?;
         out.extend(
             batch

@@ -45,6 +45,19 @@ pub enum Error {
         /// Size of the refused request.
         bytes: usize,
     },
+    /// A payload's length differs from the index's
+    /// [`payload_len`](crate::IndexParams::payload_len).
+    #[error("payload has {actual} bytes but the index stores {expected} per entry")]
+    PayloadLength {
+        /// The index's payload length.
+        expected: usize,
+        /// The length of the payload passed in.
+        actual: usize,
+    },
+    /// The operation is not available for this index yet; the message says
+    /// what is missing.
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
     /// An index parameter is out of its valid range.
     #[error("invalid parameter `{name}`: {reason}")]
     InvalidParameter {

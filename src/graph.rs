@@ -350,7 +350,7 @@ impl std::fmt::Debug for Graph {
 }
 
 impl Graph {
-    pub(crate) fn new(dim: usize, m: usize, capacity: usize) -> Result<Self> {
+    pub(crate) fn new(dim: usize, m: usize, capacity: usize, payload_len: usize) -> Result<Self> {
         let m0 = 2 * m;
         Ok(Self {
             m,
@@ -378,7 +378,8 @@ impl Graph {
                 dim,
                 capacity + capacity / 64 + 256,
                 (capacity / 32).max(256),
-            )?,
+            )?
+            .with_payloads(payload_len)?,
         })
     }
 

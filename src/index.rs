@@ -159,7 +159,7 @@ impl Index {
     /// ```
     pub fn new(params: IndexParams) -> Result<Self> {
         params.validate()?;
-        let graph = Graph::new(params.dim, params.m, params.capacity)?;
+        let graph = Graph::new(params.dim, params.m, params.capacity, params.payload_len)?;
         Self::from_graph(params, graph, KeyMap::default())
     }
 
@@ -254,6 +254,47 @@ impl Index {
             }
         }
         Err(Error::KeyNotFound(key))
+    }
+
+    /// A copy of `key`'s payload (empty when the index stores none).
+    ///
+    /// ```
+    /// let index = nann::Index::new(nann::IndexParams::new(1, nann::Metric::L2).payload_len(1))?;
+    /// index.insert(9, &[1.0])?; // no payload given: zeros
+    /// assert_eq!(index.get_payload(9)?, vec![0]);
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn get_payload(&self, key: u64) -> Result<Vec<u8>> {
+        self.get_with_payload(key).map(|(_, payload)| payload)
+    }
+
+    /// `key`'s vector and payload, from one version of the entry.
+    pub fn get_with_payload(&self, key: u64) -> Result<(Vec<f32>, Vec<u8>)> {
+        let guard = epoch::pin();
+        // As in `get`: retry if the slot was reused by another key.
+        for _ in 0..64 {
+            let slot = self.slot_of(key).ok_or(Error::KeyNotFound(key))?;
+            if let Some(v) = self.graph.vector(slot, &guard) {
+                if !v.tombstoned && self.graph.vectors.key(v.cell) == key {
+                    let mut payload = Vec::with_capacity(self.params.payload_len);
+                    self.graph
+                        .vectors
+                        .payload_into(v.cell, &guard, &mut payload);
+                    return Ok((v.vector.to_vec(), payload));
+                }
+            }
+        }
+        Err(Error::KeyNotFound(key))
+    }
+
+    pub(crate) fn check_payload(&self, payload: &[u8]) -> Result<()> {
+        if payload.len() != self.params.payload_len {
+            return Err(Error::PayloadLength {
+                expected: self.params.payload_len,
+                actual: payload.len(),
+            });
+        }
+        Ok(())
     }
 
     /// Counters: live and removed entries, slots, exact-scan fallbacks.

@@ -79,13 +79,42 @@ impl Index {
     /// # Ok::<(), nann::Error>(())
     /// ```
     pub fn insert(&self, key: u64, vector: &[f32]) -> Result<()> {
+        self.insert_inner(key, vector, &[])
+    }
+
+    /// Inserts `key` with its vector and its payload (exactly
+    /// [`payload_len`](crate::IndexParams::payload_len) bytes), which
+    /// searches then see together: a [`Scorer`](crate::Scorer) gets both
+    /// from the same version of the entry.
+    ///
+    /// ```
+    /// use nann::{Error, Index, IndexParams, Metric};
+    /// let index = Index::new(IndexParams::new(2, Metric::L2).payload_len(3))?;
+    /// index.insert_with_payload(1, &[0.0, 1.0], b"abc")?;
+    /// assert_eq!(index.get_payload(1)?, b"abc");
+    /// assert_eq!(
+    ///     index.insert_with_payload(2, &[0.0, 1.0], b"ab"),
+    ///     Err(Error::PayloadLength { expected: 3, actual: 2 })
+    /// );
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn insert_with_payload(&self, key: u64, vector: &[f32], payload: &[u8]) -> Result<()> {
+        self.check_payload(payload)?;
+        self.insert_inner(key, vector, payload)
+    }
+
+    /// `insert`, with `payload` already checked (empty: zeros).
+    fn insert_inner(&self, key: u64, vector: &[f32], payload: &[u8]) -> Result<()> {
         let vector = self.prepare(vector)?;
         let _op = self.op_lock(key).lock();
         let _gate = self.writer_gate.read();
         if self.slot_of(key).is_some() {
             return Err(Error::DuplicateKey(key));
         }
-        let cell = self.graph.vectors.allocate(key, &vector)?;
+        let cell = self
+            .graph
+            .vectors
+            .allocate_with_payload(key, &vector, payload)?;
         let guard = self.pin();
         let reused = self.free_slots.lock().pop();
         match reused {

@@ -3,6 +3,9 @@
 use crate::distance::{Isa, Metric};
 use crate::error::{Error, Result};
 
+/// The largest payload an entry can carry, in bytes.
+pub(crate) const MAX_PAYLOAD_LEN: usize = 1 << 16;
+
 /// Construction parameters of an [`Index`](crate::Index).
 ///
 /// `M0` (the layer-0 degree) is always `2 * m`, as in the HNSW paper and
@@ -33,6 +36,14 @@ pub struct IndexParams {
     pub capacity: usize,
     /// Force a kernel level (benchmarks); `None` picks the best available.
     pub isa: Option<Isa>,
+    /// Bytes of payload stored with every entry (0: none). A payload is
+    /// fixed-size data that travels with the vector: written with it by
+    /// [`Index::insert_with_payload`](crate::Index::insert_with_payload) and
+    /// [`Index::update_with_payload`](crate::Index::update_with_payload),
+    /// replaced atomically with it, and handed to a
+    /// [`Scorer`](crate::Scorer) with it (BAR stores an ad's raw feature
+    /// tokens here for the pBid head).
+    pub payload_len: usize,
 }
 
 impl IndexParams {
@@ -46,6 +57,7 @@ impl IndexParams {
             seed: 0x6e61_6e6e,
             capacity: 1024,
             isa: None,
+            payload_len: 0,
         }
     }
 
@@ -70,6 +82,12 @@ impl IndexParams {
     /// Sets the initial capacity.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
+        self
+    }
+
+    /// Sets the payload length in bytes.
+    pub fn payload_len(mut self, bytes: usize) -> Self {
+        self.payload_len = bytes;
         self
     }
 
@@ -102,6 +120,9 @@ impl IndexParams {
         }
         if self.ef_construction == 0 || self.ef_construction > 100_000 {
             return invalid("ef_construction", "must be between 1 and 100000");
+        }
+        if self.payload_len > MAX_PAYLOAD_LEN {
+            return invalid("payload_len", "must be at most 65536 bytes");
         }
         if self.capacity > (1 << 31) {
             return invalid("capacity", "must be at most 2^31 entries");

@@ -55,7 +55,7 @@ use std::sync::Arc;
 use crossbeam_epoch::Guard;
 
 use crate::error::{Error, Result};
-use crate::sync::{AtomicPtr, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 /// Enough chunks to address 2^32 records from any base >= 1.
 const MAX_CHUNKS: usize = 34;
@@ -309,6 +309,13 @@ pub(crate) struct VectorArena {
     chunks: [AtomicPtr<f32>; MAX_CHUNKS],
     /// Keys of the entries owning each cell, parallel to the cells.
     keys: Chunked<AtomicU64>,
+    /// Each cell's payload (`payload_len` bytes as little-endian u32
+    /// words, the last one zero-padded), parallel to the cells; `None`
+    /// when the index stores no payloads. Same protocol as `keys`: written
+    /// while the cell is private, immutable while it is published.
+    payloads: Option<Chunked<AtomicU32>>,
+    /// Bytes of payload per cell.
+    payload_len: usize,
     /// Owned allocations, for `Drop`.
     owned: Mutex<Vec<RawChunk>>,
     /// Next never-used cell.
@@ -349,6 +356,8 @@ impl VectorArena {
             geometry,
             chunks: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
             keys: Chunked::new(geometry.first, 1, || AtomicU64::new(0))?,
+            payloads: None,
+            payload_len: 0,
             owned: Mutex::new(Vec::new()),
             next: AtomicUsize::new(0),
             free: Arc::new(Mutex::new(Vec::new())),
@@ -357,6 +366,20 @@ impl VectorArena {
         };
         arena.ensure_chunk(0)?;
         Ok(arena)
+    }
+
+    /// The same (still empty) arena with `payload_len` bytes of payload
+    /// per cell.
+    pub(crate) fn with_payloads(mut self, payload_len: usize) -> Result<Self> {
+        if payload_len > 0 {
+            let words = payload_len.div_ceil(4);
+            let payloads = Chunked::new(self.geometry.first, words, || AtomicU32::new(0))?;
+            // Cover every chunk already allocated (chunk 0).
+            payloads.reserve(self.keys.capacity())?;
+            self.payloads = Some(payloads);
+            self.payload_len = payload_len;
+        }
+        Ok(self)
     }
 
     /// An arena whose chunk 0 is `cells` cells that already exist (a mapped
@@ -395,6 +418,8 @@ impl VectorArena {
                     Arc::clone(&keepalive),
                 )
             },
+            payloads: None,
+            payload_len: 0,
             owned: Mutex::new(Vec::new()),
             next: AtomicUsize::new(cells),
             free: Arc::new(Mutex::new(Vec::new())),
@@ -438,6 +463,9 @@ impl VectorArena {
         unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
         let end: usize = (0..=k).map(|c| self.geometry.chunk_len(c)).sum();
         self.keys.reserve(end)?;
+        if let Some(payloads) = &self.payloads {
+            payloads.reserve(end)?;
+        }
         owned.push(RawChunk { ptr, layout });
         // Release: publish the zeroed chunk to readers' Acquire loads.
         self.chunks[k].store(ptr, Ordering::Release);
@@ -463,6 +491,18 @@ impl VectorArena {
     /// Takes a private cell, writes `key` and `vector` into it, and returns it.
     /// The cell is not reachable by any reader until its id is published.
     pub(crate) fn allocate(&self, key: u64, vector: &[f32]) -> Result<CellId> {
+        self.allocate_with_payload(key, vector, &[])
+    }
+
+    /// [`allocate`](Self::allocate), also writing the cell's payload
+    /// (`payload` shorter than `payload_len` is zero-padded; longer is cut:
+    /// callers check the length).
+    pub(crate) fn allocate_with_payload(
+        &self,
+        key: u64,
+        vector: &[f32],
+        payload: &[u8],
+    ) -> Result<CellId> {
         // Two statements: the free list's guard must be gone before
         // `reclaim_before_growth` runs deferred frees, which take it.
         let recycled = self.free.lock().pop();
@@ -491,7 +531,38 @@ impl VectorArena {
             // caller's Release store of that id.
             slot[0].store(key, Ordering::Relaxed);
         }
+        if let Some(words) = self.payloads.as_ref().and_then(|p| p.get(cell as usize)) {
+            let payload = &payload[..payload.len().min(self.payload_len)];
+            for (i, word) in words.iter().enumerate() {
+                let mut bytes = [0u8; 4];
+                let from = payload.get(i * 4..).unwrap_or(&[]);
+                let n = from.len().min(4);
+                bytes[..n].copy_from_slice(&from[..n]);
+                // Relaxed: as the key above, published by the caller's
+                // Release store of the cell id.
+                word.store(u32::from_le_bytes(bytes), Ordering::Relaxed);
+            }
+        }
         Ok(cell)
+    }
+
+    /// Appends the payload of a published `cell` (`payload_len` bytes) to
+    /// `out`: the protocol of [`read`](Self::read) (cell id loaded under
+    /// `_guard`), so the bytes are the ones written with that cell's vector.
+    #[inline]
+    pub(crate) fn payload_into(&self, cell: CellId, _guard: &Guard, out: &mut Vec<u8>) {
+        let Some(payloads) = &self.payloads else {
+            return;
+        };
+        let start = out.len();
+        if let Some(words) = payloads.get(cell as usize) {
+            for word in words {
+                // Relaxed: ordered after the cell's writes by the caller's
+                // Acquire load of the cell id (see `key`).
+                out.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+            }
+        }
+        out.resize(start + self.payload_len, 0);
     }
 
     /// A recycled cell, if retired cells are pending and the next fresh cell
@@ -639,7 +710,7 @@ impl VectorArena {
 
     /// Bytes allocated for the keys stored beside the cells.
     pub(crate) fn key_bytes(&self) -> usize {
-        self.keys.allocated_bytes()
+        self.keys.allocated_bytes() + self.payloads.as_ref().map_or(0, |p| p.allocated_bytes())
     }
 }
 
@@ -755,7 +826,6 @@ pub(crate) fn prefetch_lines(ptr: *const u8, bytes: usize) {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::sync::AtomicU32;
 
     #[test]
     fn chunked_locates_every_record_once_across_growth() {

@@ -55,19 +55,60 @@ impl Index {
     /// # Ok::<(), nann::Error>(())
     /// ```
     pub fn update(&self, key: u64, vector: &[f32]) -> Result<()> {
+        self.update_inner(key, vector, None)
+    }
+
+    /// Replaces `key`'s vector and payload together, in place: a search
+    /// sees either the old pair or the new pair, never a mix (the payload
+    /// lives in the same immutable cell version as the vector).
+    ///
+    /// ```
+    /// use nann::{Index, IndexParams, Metric};
+    /// let index = Index::new(IndexParams::new(1, Metric::L2).payload_len(2))?;
+    /// index.insert_with_payload(7, &[1.0], &[1, 1])?;
+    /// index.update_with_payload(7, &[2.0], &[2, 2])?;
+    /// assert_eq!(index.get_with_payload(7)?, (vec![2.0], vec![2, 2]));
+    /// index.update(7, &[3.0])?; // keeps the payload
+    /// assert_eq!(index.get_payload(7)?, vec![2, 2]);
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn update_with_payload(&self, key: u64, vector: &[f32], payload: &[u8]) -> Result<()> {
+        self.check_payload(payload)?;
+        self.update_inner(key, vector, Some(payload))
+    }
+
+    /// `update`; `payload` `None` keeps the entry's current one.
+    fn update_inner(&self, key: u64, vector: &[f32], payload: Option<&[u8]>) -> Result<()> {
         let vector = self.prepare(vector)?;
         let _op = self.op_lock(key).lock();
         let _gate = self.writer_gate.read();
         let slot = self.slot_of(key).ok_or(Error::KeyNotFound(key))?;
+        // The current payload, when it is kept: the op lock held above
+        // serialises writers of this key, so it cannot change before the
+        // new cell is published.
+        let mut kept = Vec::new();
+        let payload = match payload {
+            Some(p) => p,
+            None => {
+                if self.params.payload_len > 0 {
+                    let guard = self.pin();
+                    if let Some(v) = self.graph.vector(slot, &guard) {
+                        self.graph.vectors.payload_into(v.cell, &guard, &mut kept);
+                    }
+                }
+                &kept
+            }
+        };
         // The key is written with the vector, before the cell is published.
         // The seeded mutant `update_key_after_publish` (loom builds) writes
         // it after, which model L3 must catch: a search could then pair the
         // new vector with a stale key.
         let late_key = crate::sync::mutant("update_key_after_publish");
-        let cell = self
-            .graph
-            .vectors
-            .allocate(if late_key { u64::MAX } else { key }, &vector)?;
+        let cell = self.graph.vectors.allocate_with_payload(
+            if late_key { u64::MAX } else { key },
+            &vector,
+            payload,
+        )?;
         let guard = self.pin();
         let old = match self.graph.lock_node(slot) {
             Some(node) => {

@@ -336,3 +336,152 @@ fn retrieval_during_updates_sees_whole_versions() {
     });
     index.check_invariants().unwrap();
 }
+
+/// Payload = (key, version) as two little-endian u32; version even means
+/// vector set `a`, odd means set `b`.
+fn version_payload(key: usize, version: u32) -> [u8; 8] {
+    let mut p = [0u8; 8];
+    p[..4].copy_from_slice(&(key as u32).to_le_bytes());
+    p[4..].copy_from_slice(&version.to_le_bytes());
+    p
+}
+
+/// Fails the search when a candidate's payload belongs to another key or to
+/// another version than its vector.
+struct PayloadChecker<'a> {
+    a: &'a [Vec<f32>],
+    b: &'a [Vec<f32>],
+}
+
+impl Scorer for PayloadChecker<'_> {
+    type Query = [f32];
+    fn score_batch(
+        &self,
+        q: &[f32],
+        batch: &CandidateBatch<'_>,
+        out: &mut [f32],
+    ) -> nann::Result<()> {
+        for (i, score) in out.iter_mut().enumerate() {
+            let p = batch.payload(i);
+            let key = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as u64;
+            let version = u32::from_le_bytes([p[4], p[5], p[6], p[7]]);
+            if key != batch.keys()[i] {
+                return Err(Error::Scorer {
+                    message: format!("payload of key {key} on candidate {}", batch.keys()[i]),
+                });
+            }
+            let set = if version % 2 == 0 { self.a } else { self.b };
+            if batch.vector(i) != &set[key as usize][..] {
+                return Err(Error::Scorer {
+                    message: format!(
+                        "key {key}: payload version {version} with another version's vector"
+                    ),
+                });
+            }
+            *score = -l2(q, batch.vector(i));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn payloads_travel_with_their_vectors_during_updates() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let n = 3_000usize;
+    let a = random_vectors(n, 8, 21);
+    let b = random_vectors(n, 8, 22);
+    let index = Index::new(IndexParams::new(8, Metric::L2).m(12).payload_len(8)).unwrap();
+    for (key, v) in a.iter().enumerate() {
+        index
+            .insert_with_payload(key as u64, v, &version_payload(key, 0))
+            .unwrap();
+    }
+    let stop = AtomicBool::new(false);
+    let scorer = PayloadChecker { a: &a, b: &b };
+    let params = BeamParams::default().layers(&[(32, 1), (64, 2)]).top(20);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut round = 1u32;
+            while !stop.load(Ordering::Relaxed) {
+                for key in (round as usize % 5..n).step_by(5) {
+                    let v = if round % 2 == 0 { &a[key] } else { &b[key] };
+                    index
+                        .update_with_payload(key as u64, v, &version_payload(key, round))
+                        .unwrap();
+                }
+                round += 1;
+            }
+        });
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut searches = 0;
+        for q in random_vectors(100_000, 8, 23) {
+            if std::time::Instant::now() > deadline {
+                break;
+            }
+            let hits = index.search_with(&scorer, &q[..], &params).unwrap();
+            assert_eq!(hits.len(), 20);
+            searches += 1;
+        }
+        assert!(searches > 0);
+    });
+    // A plain update keeps the payload it had.
+    let (v, p) = index.get_with_payload(7).unwrap();
+    index.update(7, &a[7]).unwrap();
+    assert_eq!(index.get_payload(7).unwrap(), p);
+    assert_ne!(v.len(), 0);
+    index.check_invariants().unwrap();
+}
+
+#[test]
+fn payload_length_and_save_are_checked() {
+    let index = Index::new(IndexParams::new(2, Metric::L2).payload_len(4)).unwrap();
+    index.insert(1, &[0.0, 0.0]).unwrap();
+    assert_eq!(index.get_payload(1).unwrap(), vec![0; 4]);
+    assert_eq!(
+        index.insert_with_payload(2, &[0.0, 1.0], &[1, 2, 3]),
+        Err(Error::PayloadLength {
+            expected: 4,
+            actual: 3
+        })
+    );
+    assert_eq!(
+        index.update_with_payload(1, &[0.0, 1.0], &[1; 5]),
+        Err(Error::PayloadLength {
+            expected: 4,
+            actual: 5
+        })
+    );
+    assert!(!index.contains(2));
+    assert_eq!(
+        index.get(1).unwrap(),
+        vec![0.0, 0.0],
+        "a rejected update changed nothing"
+    );
+    assert_eq!(index.get_payload(3), Err(Error::KeyNotFound(3)));
+    // Removed and reinserted: the slot's old payload does not leak into the new entry.
+    index.update_with_payload(1, &[0.0, 1.0], &[9; 4]).unwrap();
+    index.remove(1).unwrap();
+    index.insert(3, &[1.0, 1.0]).unwrap();
+    index.collect_garbage();
+    assert_eq!(index.get_payload(3).unwrap(), vec![0; 4]);
+    let dir = std::env::temp_dir().join(format!("nann-payload-save-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    assert!(matches!(
+        index.save(dir.join("x.nann")),
+        Err(Error::Unsupported(_))
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+    // Without payloads, payloads are empty and only an empty one is accepted.
+    let plain = Index::new(IndexParams::new(1, Metric::L2)).unwrap();
+    plain.insert_with_payload(1, &[1.0], &[]).unwrap();
+    assert_eq!(plain.get_payload(1).unwrap(), Vec::<u8>::new());
+    assert!(plain.insert_with_payload(2, &[1.0], &[0]).is_err());
+    assert!(Index::new(IndexParams::new(1, Metric::L2).payload_len(1 << 17)).is_err());
+}

@@ -281,6 +281,14 @@ impl Index {
     /// The header and section archives of the current state, stamped with
     /// the update-log sequence number `log_lsn` it contains.
     pub(crate) fn snapshot(&self, log_lsn: u64) -> Result<Snapshot> {
+        if self.params.payload_len > 0 {
+            // Format version 1 has no payload section: saving would drop
+            // the payloads silently.
+            return Err(Error::Unsupported(
+                "saving an index with payloads: the file format has no payload section yet; \
+                 rebuild the index from its source (e.g. the ad side of a BAR model) instead",
+            ));
+        }
         let (export, vectors, keys, live, level_counter) = {
             // Writers pause (searches do not) while the arrays are copied.
             let _quiescent = self.writer_gate.write();
