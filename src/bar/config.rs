@@ -143,7 +143,10 @@ impl BarConfig {
             ("default_bid_log_max", self.default_bid_log_max),
         ] {
             if !(value.is_finite() && value > 0.0) {
-                return Err(config_error(key, format!("{value} is not finite and positive")));
+                return Err(config_error(
+                    key,
+                    format!("{value} is not finite and positive"),
+                ));
             }
         }
         Ok(())

@@ -267,7 +267,10 @@ mod tests {
         bad[0..4].copy_from_slice(&5000u32.to_le_bytes());
         assert!(matches!(
             AdTokens::from_payload(&config, &bad),
-            Err(ModelError::Feature { feature: "item", .. })
+            Err(ModelError::Feature {
+                feature: "item",
+                ..
+            })
         ));
         let nan = AdFeatures {
             bid: BidFeatures {
