@@ -370,7 +370,11 @@ impl Scorer for PayloadChecker<'_> {
                     message: format!("payload of key {key} on candidate {}", batch.keys()[i]),
                 });
             }
-            let set = if version % 2 == 0 { self.a } else { self.b };
+            let set = if version.is_multiple_of(2) {
+                self.a
+            } else {
+                self.b
+            };
             if batch.vector(i) != &set[key as usize][..] {
                 return Err(Error::Scorer {
                     message: format!(
@@ -404,7 +408,11 @@ fn payloads_travel_with_their_vectors_during_updates() {
             let mut round = 1u32;
             while !stop.load(Ordering::Relaxed) {
                 for key in (round as usize % 5..n).step_by(5) {
-                    let v = if round % 2 == 0 { &a[key] } else { &b[key] };
+                    let v = if round.is_multiple_of(2) {
+                        &a[key]
+                    } else {
+                        &b[key]
+                    };
                     index
                         .update_with_payload(key as u64, v, &version_payload(key, round))
                         .unwrap();

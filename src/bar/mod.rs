@@ -93,9 +93,12 @@ mod linalg;
 pub mod market;
 pub mod metrics;
 pub mod model;
+pub mod nearline;
 #[cfg(feature = "train")]
 pub mod train;
 
+pub use bar_scorer::BarScorer;
 pub use config::BarConfig;
 pub use error::ModelError;
 pub use features::{AdFeatures, AdTokens, BidFeatures, UserFeatures};
+pub use model::{AdSide, BarModel, Heads, UserState};
