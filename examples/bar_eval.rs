@@ -34,7 +34,6 @@
 
 #[path = "support/bar.rs"]
 mod bar_support;
-#[allow(dead_code)]
 mod support;
 
 use std::sync::Arc;

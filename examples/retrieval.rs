@@ -33,7 +33,6 @@
 
 #[path = "support/bar.rs"]
 mod bar_support;
-#[allow(dead_code)]
 mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -65,7 +65,7 @@ pub fn build_index(
                 index
                     .insert_with_payload(i as u64, &z[i * d..(i + 1) * d], &tokens[i].to_payload())
                     .expect("insert");
-                if i % 1000 == 0 {
+                if i.is_multiple_of(1000) {
                     progress(i);
                 }
             });
