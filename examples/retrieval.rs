@@ -167,7 +167,7 @@ fn run(args: &Args) -> Result<(), String> {
         2,
         |i| {
             let done = built.fetch_max(i as u64, Ordering::Relaxed).max(i as u64);
-            if done % 20_000 == 0 {
+            if done.is_multiple_of(20_000) {
                 eprintln!("      {done} / {} ads indexed", tokens.len());
             }
         },
