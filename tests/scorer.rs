@@ -23,6 +23,16 @@ fn l2(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
 }
 
+/// Stops an updater thread also when an assertion panics (the scope would
+/// otherwise wait for it forever).
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn build(vectors: &[Vec<f32>]) -> Index {
     let dim = vectors[0].len();
     let index = Index::new(IndexParams::new(dim, Metric::L2).m(16)).unwrap();
@@ -300,14 +310,6 @@ fn retrieval_during_updates_sees_whole_versions() {
                 round += 1;
             }
         });
-        /// Stops the updater also when an assertion below panics (the
-        /// scope would otherwise wait for it forever).
-        struct StopOnDrop<'a>(&'a AtomicBool);
-        impl Drop for StopOnDrop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
         let _stop = StopOnDrop(&stop);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         let mut searches = 0;
@@ -420,12 +422,6 @@ fn payloads_travel_with_their_vectors_during_updates() {
                 round += 1;
             }
         });
-        struct StopOnDrop<'a>(&'a AtomicBool);
-        impl Drop for StopOnDrop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
         let _stop = StopOnDrop(&stop);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         let mut searches = 0;
