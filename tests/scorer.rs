@@ -33,6 +33,45 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// For 2 s, runs `search(query)` on this thread while another rewrites
+/// every `stride`-th key per round (round `r >= 1` starts at key
+/// `r % stride`) with its vector from `a` on even rounds and from `b` on odd
+/// ones, through `write(key, vector, round)`. Returns the searches run.
+fn search_while_alternating(
+    a: &[Vec<f32>],
+    b: &[Vec<f32>],
+    stride: usize,
+    write: impl Fn(usize, &[f32], u32) + Sync,
+    query_seed: u64,
+    mut search: impl FnMut(&[f32]),
+) -> usize {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut round = 1u32;
+            while !stop.load(Ordering::Relaxed) {
+                let set = if round.is_multiple_of(2) { a } else { b };
+                for key in (round as usize % stride..a.len()).step_by(stride) {
+                    write(key, &set[key], round);
+                }
+                round += 1;
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut searches = 0;
+        for q in random_vectors(100_000, a[0].len(), query_seed) {
+            if std::time::Instant::now() > deadline {
+                break;
+            }
+            search(&q);
+            searches += 1;
+        }
+        searches
+    })
+}
+
 fn build(vectors: &[Vec<f32>]) -> Index {
     let dim = vectors[0].len();
     let index = Index::new(IndexParams::new(dim, Metric::L2).m(16)).unwrap();
@@ -287,55 +326,31 @@ fn bad_parameters_scorer_errors_and_nan_scores() {
 /// version), keys unique, scores sorted.
 #[test]
 fn retrieval_during_updates_sees_whole_versions() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let n = 5_000usize;
     let a = random_vectors(n, 8, 11);
     let b = random_vectors(n, 8, 12);
     let index = build(&a);
-    let stop = AtomicBool::new(false);
     let scorer = MetricScorer::new(Metric::L2);
     let params = BeamParams::default().layers(&[(32, 1), (64, 2)]).top(20);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut round = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                for key in (round % 7..n).step_by(7) {
-                    let v = if round.is_multiple_of(2) {
-                        &b[key]
-                    } else {
-                        &a[key]
-                    };
-                    index.update(key as u64, v).unwrap();
-                }
-                round += 1;
-            }
-        });
-        let _stop = StopOnDrop(&stop);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        let mut searches = 0;
-        for q in random_vectors(100_000, 8, 13) {
-            if std::time::Instant::now() > deadline {
-                break;
-            }
-            let hits = index.search_with(&scorer, &q[..], &params).unwrap();
-            assert_eq!(hits.len(), 20);
-            assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
-            let mut keys: Vec<u64> = hits.iter().map(|h| h.key).collect();
-            keys.sort_unstable();
-            keys.dedup();
-            assert_eq!(keys.len(), hits.len(), "a key twice: {hits:?}");
-            for hit in &hits {
-                let k = hit.key as usize;
-                let whole = [&a[k], &b[k]].iter().any(|v| {
-                    let d = l2(&q, v);
-                    (hit.score + d).abs() <= 1e-4 * d.max(1.0)
-                });
-                assert!(whole, "{hit:?} matches neither version of its key");
-            }
-            searches += 1;
+    let write = |key: usize, v: &[f32], _round: u32| index.update(key as u64, v).unwrap();
+    let searches = search_while_alternating(&a, &b, 7, write, 13, |q| {
+        let hits = index.search_with(&scorer, q, &params).unwrap();
+        assert_eq!(hits.len(), 20);
+        assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+        let mut keys: Vec<u64> = hits.iter().map(|h| h.key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), hits.len(), "a key twice: {hits:?}");
+        for hit in &hits {
+            let k = hit.key as usize;
+            let whole = [&a[k], &b[k]].iter().any(|v| {
+                let d = l2(q, v);
+                (hit.score + d).abs() <= 1e-4 * d.max(1.0)
+            });
+            assert!(whole, "{hit:?} matches neither version of its key");
         }
-        assert!(searches > 0);
     });
+    assert!(searches > 0);
     index.check_invariants().unwrap();
 }
 
@@ -392,7 +407,6 @@ impl Scorer for PayloadChecker<'_> {
 
 #[test]
 fn payloads_travel_with_their_vectors_during_updates() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let n = 3_000usize;
     let a = random_vectors(n, 8, 21);
     let b = random_vectors(n, 8, 22);
@@ -402,39 +416,18 @@ fn payloads_travel_with_their_vectors_during_updates() {
             .insert_with_payload(key as u64, v, &version_payload(key, 0))
             .unwrap();
     }
-    let stop = AtomicBool::new(false);
     let scorer = PayloadChecker { a: &a, b: &b };
     let params = BeamParams::default().layers(&[(32, 1), (64, 2)]).top(20);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut round = 1u32;
-            while !stop.load(Ordering::Relaxed) {
-                for key in (round as usize % 5..n).step_by(5) {
-                    let v = if round.is_multiple_of(2) {
-                        &a[key]
-                    } else {
-                        &b[key]
-                    };
-                    index
-                        .update_with_payload(key as u64, v, &version_payload(key, round))
-                        .unwrap();
-                }
-                round += 1;
-            }
-        });
-        let _stop = StopOnDrop(&stop);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        let mut searches = 0;
-        for q in random_vectors(100_000, 8, 23) {
-            if std::time::Instant::now() > deadline {
-                break;
-            }
-            let hits = index.search_with(&scorer, &q[..], &params).unwrap();
-            assert_eq!(hits.len(), 20);
-            searches += 1;
-        }
-        assert!(searches > 0);
+    let write = |key: usize, v: &[f32], round: u32| {
+        index
+            .update_with_payload(key as u64, v, &version_payload(key, round))
+            .unwrap()
+    };
+    let searches = search_while_alternating(&a, &b, 5, write, 23, |q| {
+        let hits = index.search_with(&scorer, q, &params).unwrap();
+        assert_eq!(hits.len(), 20);
     });
+    assert!(searches > 0);
     // A plain update keeps the payload it had.
     let (v, p) = index.get_with_payload(7).unwrap();
     index.update(7, &a[7]).unwrap();
