@@ -4,8 +4,8 @@
 //! # Directory layout and recovery
 //!
 //! ```text
-//!   dir/index.nann            snapshot (format v1), stamped with log_lsn = S
-//!   dir/log-<gen>.wal ...     update logs, records numbered by lsn
+//!   dir/index.nann            snapshot (format v1; v2 with payloads), stamped with log_lsn = S
+//!   dir/log-<gen>.wal ...     update logs (v1; v2 with payloads), records numbered by lsn
 //!
 //!   open:  snapshot ──► replay every log in generation order, records with
 //!          lsn > S, each log up to its torn tail ──► start a new generation
@@ -24,8 +24,14 @@
 //!   validation to apply, so the log orders them as the index applied them;
 //!   operations on different keys commute, so their order in the log is
 //!   free. Writers on different stripes share fsyncs (group commit).
-//! * Validation (dimension, finiteness, duplicate or unknown key) runs
-//!   before logging, so a logged operation succeeds on replay. One that
+//! * Validation (dimension, finiteness, payload length, duplicate or
+//!   unknown key) runs before logging, so a logged operation succeeds on
+//!   replay.
+//! * Payloads ([`IndexParams::payload_len`]) are logged with the
+//!   operations that set them ([`insert_with_payload`](DurableIndex::insert_with_payload),
+//!   [`update_with_payload`](DurableIndex::update_with_payload)); a plain
+//!   [`update`](DurableIndex::update) keeps the entry's payload on replay
+//!   as it does when first applied, and a plain insert stores zeros. One that
 //!   still fails when applied (out of memory) is reported to the caller and
 //!   skipped again on replay ([`ReplayReport::skipped`]).
 //!
@@ -160,8 +166,8 @@ impl DurableIndex {
         }
         let index = Index::new(params)?;
         index.snapshot(0)?.write(storage.as_ref(), &snapshot_path)?;
-        let dim = index.params().dim as u32;
-        let (file, path, len) = create_log_file(storage.as_ref(), &dir, dim, 1)?;
+        let (dim, payload_len) = index.log_shape();
+        let (file, path, len) = create_log_file(storage.as_ref(), &dir, dim, payload_len, 1)?;
         let log = LogWriter::new(file, path, len, 1, options.durability);
         Ok(Self::assemble(
             index,
@@ -188,6 +194,7 @@ impl DurableIndex {
         let index = Index::from_bytes(&bytes)?;
         drop(bytes);
         let dim = index.params().dim;
+        let payload_len = index.params().payload_len;
 
         let names = storage.list(&dir).map_err(|e| io_error("list", &dir, e))?;
         let mut generations: Vec<u64> = names
@@ -211,7 +218,7 @@ impl DurableIndex {
             let bytes = storage
                 .read(&path)
                 .map_err(|e| io_error("read", &path, e))?;
-            match decode_header(&bytes, dim as u32)? {
+            match decode_header(&bytes, dim as u32, payload_len as u32)? {
                 LogHeader::Torn => {
                     report.torn_tails += u64::from(!bytes.is_empty());
                     continue;
@@ -225,7 +232,7 @@ impl DurableIndex {
                 }
                 LogHeader::Valid { .. } => {}
             }
-            let (records, valid) = decode_records(&bytes, dim);
+            let (records, valid) = decode_records(&bytes, dim, payload_len);
             report.torn_tails += u64::from(valid < bytes.len());
             for record in records {
                 if record.lsn <= last_lsn {
@@ -237,6 +244,8 @@ impl DurableIndex {
                     LogOp::Insert(key, v) => index.insert(*key, v),
                     LogOp::Update(key, v) => index.update(*key, v),
                     LogOp::Remove(key) => index.remove(*key),
+                    LogOp::InsertWithPayload(key, v, p) => index.insert_with_payload(*key, v, p),
+                    LogOp::UpdateWithPayload(key, v, p) => index.update_with_payload(*key, v, p),
                 };
                 match outcome {
                     Ok(()) => report.applied += 1,
@@ -246,7 +255,9 @@ impl DurableIndex {
         }
 
         let generation = generations.last().map_or(1, |g| g + 1);
-        let (file, path, len) = create_log_file(storage.as_ref(), &dir, dim as u32, generation)?;
+        let (dim, payload_len) = index.log_shape();
+        let (file, path, len) =
+            create_log_file(storage.as_ref(), &dir, dim, payload_len, generation)?;
         let log = LogWriter::new(file, path, len, last_lsn + 1, options.durability);
         Ok(Self::assemble(
             index,
@@ -334,7 +345,8 @@ impl DurableIndex {
         apply()
     }
 
-    /// [`Index::insert`], durable when it returns.
+    /// [`Index::insert`] (a zero payload, if the index stores payloads),
+    /// durable when it returns.
     pub fn insert(&self, key: u64, vector: &[f32]) -> Result<()> {
         self.logged(
             key,
@@ -350,7 +362,44 @@ impl DurableIndex {
         )
     }
 
-    /// [`Index::update`], durable when it returns.
+    /// [`Index::insert_with_payload`], durable when it returns (the payload
+    /// is logged with the vector).
+    pub fn insert_with_payload(&self, key: u64, vector: &[f32], payload: &[u8]) -> Result<()> {
+        self.logged(
+            key,
+            || {
+                self.index.check_payload(payload)?;
+                self.index.prepare(vector)?;
+                if self.index.contains(key) {
+                    return Err(Error::DuplicateKey(key));
+                }
+                Ok(())
+            },
+            LogOpRef::InsertWithPayload(key, vector, payload),
+            || self.index.insert_with_payload(key, vector, payload),
+        )
+    }
+
+    /// [`Index::update_with_payload`], durable when it returns (the payload
+    /// is logged with the vector).
+    pub fn update_with_payload(&self, key: u64, vector: &[f32], payload: &[u8]) -> Result<()> {
+        self.logged(
+            key,
+            || {
+                self.index.check_payload(payload)?;
+                self.index.prepare(vector)?;
+                if !self.index.contains(key) {
+                    return Err(Error::KeyNotFound(key));
+                }
+                Ok(())
+            },
+            LogOpRef::UpdateWithPayload(key, vector, payload),
+            || self.index.update_with_payload(key, vector, payload),
+        )
+    }
+
+    /// [`Index::update`] (the entry keeps its payload), durable when it
+    /// returns.
     pub fn update(&self, key: u64, vector: &[f32]) -> Result<()> {
         self.logged(
             key,
@@ -394,8 +443,9 @@ impl DurableIndex {
             let snapshot = self.index.snapshot(lsn)?;
             let mut generation = self.generation.lock();
             let next = *generation + 1;
-            let dim = self.index.params().dim as u32;
-            let (file, path, len) = create_log_file(self.storage.as_ref(), &self.dir, dim, next)?;
+            let (dim, payload_len) = self.index.log_shape();
+            let (file, path, len) =
+                create_log_file(self.storage.as_ref(), &self.dir, dim, payload_len, next)?;
             self.log.rotate(file, path, len);
             let mut old = self.old_generations.lock();
             old.push(*generation);
@@ -413,5 +463,13 @@ impl DurableIndex {
             }
         }
         Ok(())
+    }
+}
+
+impl Index {
+    /// What a log file's header records of this index: dimension and
+    /// payload length.
+    fn log_shape(&self) -> (u32, u32) {
+        (self.params.dim as u32, self.params.payload_len as u32)
     }
 }

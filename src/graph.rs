@@ -115,6 +115,9 @@ pub(crate) struct BorrowedArrays {
     pub(crate) anchors: std::ptr::NonNull<AtomicU32>,
     pub(crate) vectors: std::ptr::NonNull<f32>,
     pub(crate) keys: std::ptr::NonNull<AtomicU64>,
+    /// Payload words (`payload_len.div_ceil(4)` per slot) and the payload
+    /// length in bytes; `None` when the index stores no payloads.
+    pub(crate) payloads: Option<(std::ptr::NonNull<AtomicU32>, usize)>,
     pub(crate) keepalive: Keepalive,
 }
 
@@ -811,7 +814,8 @@ impl Graph {
     /// Every pointer in `arrays` must satisfy [`Chunked::from_borrowed`]'s
     /// contract for `arrays.slots` records of its array (`2 + 2m` words for
     /// `level0`, one word for `cells` and `anchors`, `dim` f32s and one u64
-    /// per slot for the vector arena), kept alive by `arrays.keepalive`.
+    /// per slot for the vector arena, and `payload_len.div_ceil(4)` words
+    /// per slot for `payloads` if present), kept alive by `arrays.keepalive`.
     #[cfg(not(loom))]
     pub(crate) unsafe fn from_borrowed(
         dim: usize,
@@ -865,6 +869,7 @@ impl Graph {
                     dim,
                     arrays.vectors,
                     arrays.keys,
+                    arrays.payloads,
                     slots,
                     growth,
                     std::sync::Arc::clone(keep),

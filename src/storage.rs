@@ -383,26 +383,45 @@ impl VectorArena {
     }
 
     /// An arena whose chunk 0 is `cells` cells that already exist (a mapped
-    /// file): vectors at `vectors` (`cells * dim` f32s) and their keys at
-    /// `keys` (`cells` u64s). All of them count as handed out; new cells come
-    /// from chunks doubling from `growth`.
+    /// file): vectors at `vectors` (`cells * dim` f32s), their keys at
+    /// `keys` (`cells` u64s) and, if given, their payloads (`payload_len`
+    /// bytes each) at `payloads` (`cells * payload_len.div_ceil(4)` u32
+    /// words, as in [`with_payloads`](Self::with_payloads)). All of them
+    /// count as handed out; new cells come from chunks doubling from
+    /// `growth`.
     ///
     /// # Safety
-    /// Both pointers must address initialised, aligned memory of those
+    /// Every pointer must address initialised, aligned memory of those
     /// lengths that stays valid for reads and writes while `keepalive` lives
     /// and that nothing else accesses while the arena exists. Cells are then
     /// under the arena's protocol (module docs): a cell is written only while
-    /// private (recycled after its grace period). `cells >= 1`.
+    /// private (recycled after its grace period). `cells >= 1`, and
+    /// `payload_len >= 1` if `payloads` is given.
     #[cfg(not(loom))]
     pub(crate) unsafe fn from_borrowed(
         dim: usize,
         vectors: std::ptr::NonNull<f32>,
         keys: std::ptr::NonNull<AtomicU64>,
+        payloads: Option<(std::ptr::NonNull<AtomicU32>, usize)>,
         cells: usize,
         growth: usize,
         keepalive: Keepalive,
     ) -> Self {
         let geometry = Geometry::with_growth(cells, growth);
+        let payload_len = payloads.map_or(0, |(_, len)| len);
+        // SAFETY: forwarded from this function's contract for `payloads`:
+        // `cells` records of `payload_len.div_ceil(4)` words each. Same
+        // geometry as `keys` below, so both grow in step (`ensure_chunk`).
+        let payloads = payloads.map(|(first, len)| unsafe {
+            Chunked::from_borrowed(
+                first,
+                cells,
+                len.div_ceil(4),
+                growth,
+                || AtomicU32::new(0),
+                Arc::clone(&keepalive),
+            )
+        });
         let arena = Self {
             dim,
             geometry,
@@ -418,8 +437,8 @@ impl VectorArena {
                     Arc::clone(&keepalive),
                 )
             },
-            payloads: None,
-            payload_len: 0,
+            payloads,
+            payload_len,
             owned: Mutex::new(Vec::new()),
             next: AtomicUsize::new(cells),
             free: Arc::new(Mutex::new(Vec::new())),
@@ -490,6 +509,7 @@ impl VectorArena {
 
     /// Takes a private cell, writes `key` and `vector` into it, and returns it.
     /// The cell is not reachable by any reader until its id is published.
+    #[cfg(any(test, loom))]
     pub(crate) fn allocate(&self, key: u64, vector: &[f32]) -> Result<CellId> {
         self.allocate_with_payload(key, vector, &[])
     }

@@ -468,12 +468,14 @@ fn payload_length_and_save_are_checked() {
     index.insert(3, &[1.0, 1.0]).unwrap();
     index.collect_garbage();
     assert_eq!(index.get_payload(3).unwrap(), vec![0; 4]);
+    // Saved files keep payloads (format version 2; tests/persist_payload.rs).
     let dir = std::env::temp_dir().join(format!("nann-payload-save-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    assert!(matches!(
-        index.save(dir.join("x.nann")),
-        Err(Error::Unsupported(_))
-    ));
+    index.save(dir.join("x.nann")).unwrap();
+    let reopened = Index::open(dir.join("x.nann")).unwrap();
+    assert_eq!(reopened.get_payload(3).unwrap(), vec![0; 4]);
+    assert_eq!(reopened.get_payload(1), Err(Error::KeyNotFound(1)));
+    drop(reopened);
     std::fs::remove_dir_all(&dir).unwrap();
     // Without payloads, payloads are empty and only an empty one is accepted.
     let plain = Index::new(IndexParams::new(1, Metric::L2)).unwrap();

@@ -1,4 +1,11 @@
-//! Format version 1: the fixed header and section table, decoded by hand.
+//! Format versions 1 and 2: the fixed header and section table, decoded by
+//! hand.
+//!
+//! Version 2 is version 1 plus entry payloads: the header carries
+//! `payload_len` (bytes per entry, 1..=65536) at offset 96 and the section
+//! table a seventh section, `payloads`. An index without payloads is still
+//! written as version 1, byte for byte as before; one with payloads is
+//! written as version 2. This build reads both.
 //!
 //! Everything here is explicit little-endian byte arithmetic over `&[u8]`
 //! with checked offsets: no rkyv, no casts, no `unsafe`. The header is what
@@ -12,8 +19,14 @@ use super::FormatError;
 
 /// First 8 bytes of every index file.
 pub(crate) const MAGIC: [u8; 8] = *b"NANNIDX\0";
-/// The version this build writes and reads.
-pub(crate) const VERSION: u32 = 1;
+/// The version written for an index without payloads (and read).
+pub(crate) const VERSION_PLAIN: u32 = 1;
+/// The version written for an index with payloads (and read): version 1
+/// plus `payload_len` in the header and the `payloads` section.
+pub(crate) const VERSION_PAYLOADS: u32 = 2;
+/// Offset of `payload_len` (u32) in a version-2 header; version 1 leaves
+/// the bytes from here to the section table zero.
+pub(crate) const PAYLOAD_LEN_AT: usize = 96;
 /// Alignment of every section offset (a cache line; rkyv needs 16).
 pub(crate) const SECTION_ALIGN: u64 = 64;
 /// Bytes of the fixed fields, before the section table.
@@ -21,7 +34,7 @@ const FIXED_LEN: usize = 128;
 /// Bytes per section-table entry.
 const ENTRY_LEN: usize = 32;
 
-/// The sections of a version-1 file, in file order.
+/// The sections of a file, in file order (`Payloads` in version 2 only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub(crate) enum SectionKind {
@@ -37,8 +50,13 @@ pub(crate) enum SectionKind {
     Vectors = 5,
     /// Key per slot (u64).
     Keys = 6,
+    /// Version 2: `slots x ceil(payload_len / 4)` u32, one payload per slot:
+    /// the payload's bytes in order, as little-endian words, the last word
+    /// zero-padded; zeros for a slot that holds no entry.
+    Payloads = 7,
 }
 
+/// The sections of a version-1 file, in file order.
 pub(crate) const SECTION_KINDS: [SectionKind; 6] = [
     SectionKind::Level0,
     SectionKind::Cells,
@@ -47,6 +65,27 @@ pub(crate) const SECTION_KINDS: [SectionKind; 6] = [
     SectionKind::Vectors,
     SectionKind::Keys,
 ];
+
+/// The sections of a version-2 file, in file order.
+pub(crate) const SECTION_KINDS_V2: [SectionKind; 7] = [
+    SectionKind::Level0,
+    SectionKind::Cells,
+    SectionKind::Anchors,
+    SectionKind::Upper,
+    SectionKind::Vectors,
+    SectionKind::Keys,
+    SectionKind::Payloads,
+];
+
+/// The sections of a file of `version` (`None`: a version this build does
+/// not read).
+pub(crate) fn section_kinds(version: u32) -> Option<&'static [SectionKind]> {
+    match version {
+        VERSION_PLAIN => Some(&SECTION_KINDS),
+        VERSION_PAYLOADS => Some(&SECTION_KINDS_V2),
+        _ => None,
+    }
+}
 
 impl SectionKind {
     pub(crate) fn name(self) -> &'static str {
@@ -57,6 +96,7 @@ impl SectionKind {
             SectionKind::Upper => "upper",
             SectionKind::Vectors => "vectors",
             SectionKind::Keys => "keys",
+            SectionKind::Payloads => "payloads",
         }
     }
 }
@@ -124,6 +164,9 @@ pub(crate) struct Header {
     pub(crate) log_lsn: u64,
     /// Total file length the writer produced.
     pub(crate) file_len: u64,
+    /// Payload bytes per entry: 0 in version 1, 1..=65536 in version 2
+    /// (offset 96).
+    pub(crate) payload_len: u32,
     pub(crate) sections: Vec<Section>,
 }
 
@@ -178,6 +221,11 @@ impl Header {
         out.extend_from_slice(&self.entry_slot.to_le_bytes());
         out.extend_from_slice(&self.entry_level.to_le_bytes());
         out.extend_from_slice(&self.log_lsn.to_le_bytes());
+        if self.version == VERSION_PAYLOADS {
+            // Version 1 leaves these bytes zero (written by the resize).
+            debug_assert_eq!(out.len(), PAYLOAD_LEN_AT);
+            out.extend_from_slice(&self.payload_len.to_le_bytes());
+        }
         out.resize(FIXED_LEN, 0);
         for s in &self.sections {
             out.extend_from_slice(&s.kind.to_le_bytes());
@@ -196,8 +244,9 @@ impl Header {
     /// Decodes and checks the header at the start of `file`: magic, version,
     /// checksum, format controls, parameters, and a section table whose
     /// sections lie inside the file, aligned and without overlap, in the
-    /// version-1 order. Nothing is allocated from a count before the count
-    /// has been bounded by the file length.
+    /// order of the file's version; for version 2, `payload_len` in
+    /// 1..=65536. Nothing is allocated from a count before the count has
+    /// been bounded by the file length.
     pub(crate) fn decode(file: &[u8]) -> Result<Self, FormatError> {
         let mut r = Reader { bytes: file, at: 0 };
         let magic = r.take(8)?;
@@ -205,9 +254,9 @@ impl Header {
             return Err(FormatError::NotAnIndex);
         }
         let version = r.u32()?;
-        if version != VERSION {
+        let Some(kinds) = section_kinds(version) else {
             return Err(FormatError::UnsupportedVersion { found: version });
-        }
+        };
         let rkyv = RkyvFormat {
             big_endian: r.u8()?,
             unaligned: r.u8()?,
@@ -218,10 +267,10 @@ impl Header {
         let m = r.u32()?;
         let ef_construction = r.u32()?;
         let section_count = r.u32()? as usize;
-        if section_count != SECTION_KINDS.len() {
+        if section_count != kinds.len() {
             return Err(FormatError::Corrupt(format!(
-                "the header lists {section_count} sections; version 1 has {}",
-                SECTION_KINDS.len()
+                "the header lists {section_count} sections; version {version} has {}",
+                kinds.len()
             )));
         }
         let table_end = FIXED_LEN + section_count * ENTRY_LEN;
@@ -259,6 +308,22 @@ impl Header {
         let entry_slot = r.u32()?;
         let entry_level = r.u32()?;
         let log_lsn = r.u64()?;
+        let payload_len = if version == VERSION_PAYLOADS {
+            r.at = PAYLOAD_LEN_AT;
+            let n = r.u32()?;
+            if n == 0 || n as usize > crate::params::MAX_PAYLOAD_LEN {
+                return Err(FormatError::Corrupt(format!(
+                    "the header says entries carry {n}-byte payloads; a version-2 file \
+                     needs 1..={} (the file is damaged or was not written by nann)",
+                    crate::params::MAX_PAYLOAD_LEN
+                )));
+            }
+            n
+        } else {
+            // Version 1 has no payloads; the bytes are not read (writers
+            // left them zero).
+            0
+        };
         if file_len != file.len() as u64 {
             return Err(if (file.len() as u64) < file_len {
                 FormatError::Truncated {
@@ -275,7 +340,7 @@ impl Header {
         r.at = FIXED_LEN;
         let mut sections = Vec::with_capacity(section_count);
         let mut previous_end = header_len(section_count);
-        for kind in SECTION_KINDS {
+        for &kind in kinds {
             let s = Section {
                 kind: r.u32()?,
                 align: r.u32()?,
@@ -330,11 +395,18 @@ impl Header {
             entry_level,
             log_lsn,
             file_len,
+            payload_len,
             sections,
         })
     }
 
-    /// The bytes of section `kind` (bounds were checked by `decode`).
+    /// The sections of this header's version, in file order.
+    pub(crate) fn kinds(&self) -> &'static [SectionKind] {
+        section_kinds(self.version).unwrap_or(&SECTION_KINDS)
+    }
+
+    /// The bytes of section `kind` (bounds were checked by `decode`; empty
+    /// for a section the file does not have).
     pub(crate) fn section<'f>(&self, file: &'f [u8], kind: SectionKind) -> &'f [u8] {
         self.sections
             .iter()

@@ -4,10 +4,18 @@
 //! # File layout (little-endian)
 //!
 //! ```text
-//!  header, 32 bytes   "NANNLOG\0" │ version u32 │ dim u32 │ generation u64 │ CRC32C u32 │ 0 u32
-//!  record             body length u32 │ CRC32C(body) u32 │ body
-//!  body               lsn u64 │ op u8 (1 insert, 2 update, 3 remove) │ key u64 │ dim x f32 (insert, update)
+//!  header v1, 32 bytes  "NANNLOG\0" │ 1 u32 │ dim u32 │ generation u64 │ CRC32C(bytes 0..24) u32 │ 0 u32
+//!  header v2, 32 bytes  "NANNLOG\0" │ 2 u32 │ dim u32 │ generation u64 │ payload_len u32 │ CRC32C(bytes 0..28) u32
+//!  record               body length u32 │ CRC32C(body) u32 │ body
+//!  body                 lsn u64 │ op u8 │ key u64 │ dim x f32 (ops 1, 2, 4, 5) │ payload_len bytes (ops 4, 5)
+//!  op                   1 insert, 2 update (keeps the payload), 3 remove,
+//!                       4 insert with payload, 5 update with payload (4 and 5: version 2 only)
 //! ```
+//!
+//! An index without payloads writes version 1, byte for byte as before; an
+//! index with payloads writes version 2, whose header names the payload
+//! length (it must match the snapshot's) and whose records may carry a
+//! payload. This build reads both.
 //!
 //! A reader stops at the first record that is short, has an impossible
 //! length, a wrong checksum or a sequence number that does not grow: that
@@ -43,7 +51,11 @@ use super::FormatError;
 use crate::error::{Error, Result};
 
 const MAGIC: [u8; 8] = *b"NANNLOG\0";
-const VERSION: u32 = 1;
+/// The log version of an index without payloads.
+const VERSION_PLAIN: u32 = 1;
+/// The log version of an index with payloads: `payload_len` in the header,
+/// ops 4 and 5.
+const VERSION_PAYLOADS: u32 = 2;
 /// Bytes of the log file header.
 pub(crate) const HEADER_LEN: usize = 32;
 /// Bytes of a record's length and checksum fields.
@@ -73,6 +85,8 @@ pub(crate) enum LogOp {
     Insert(u64, Vec<f32>),
     Update(u64, Vec<f32>),
     Remove(u64),
+    InsertWithPayload(u64, Vec<f32>, Vec<u8>),
+    UpdateWithPayload(u64, Vec<f32>, Vec<u8>),
 }
 
 /// A borrowed [`LogOp`], for encoding without a copy.
@@ -81,6 +95,8 @@ pub(crate) enum LogOpRef<'a> {
     Insert(u64, &'a [f32]),
     Update(u64, &'a [f32]),
     Remove(u64),
+    InsertWithPayload(u64, &'a [f32], &'a [u8]),
+    UpdateWithPayload(u64, &'a [f32], &'a [u8]),
 }
 
 /// A decoded record.
@@ -90,15 +106,23 @@ pub(crate) struct LogRecord {
     pub(crate) op: LogOp,
 }
 
-/// The header of a log file.
-pub(crate) fn encode_header(dim: u32, generation: u64) -> [u8; HEADER_LEN] {
+/// The header of a log file: version 1 without payloads (`payload_len`
+/// 0), version 2 with them.
+pub(crate) fn encode_header(dim: u32, payload_len: u32, generation: u64) -> [u8; HEADER_LEN] {
     let mut out = [0u8; HEADER_LEN];
     out[..8].copy_from_slice(&MAGIC);
-    out[8..12].copy_from_slice(&VERSION.to_le_bytes());
     out[12..16].copy_from_slice(&dim.to_le_bytes());
     out[16..24].copy_from_slice(&generation.to_le_bytes());
-    let crc = crc32c::crc32c(&out[..24]);
-    out[24..28].copy_from_slice(&crc.to_le_bytes());
+    if payload_len == 0 {
+        out[8..12].copy_from_slice(&VERSION_PLAIN.to_le_bytes());
+        let crc = crc32c::crc32c(&out[..24]);
+        out[24..28].copy_from_slice(&crc.to_le_bytes());
+    } else {
+        out[8..12].copy_from_slice(&VERSION_PAYLOADS.to_le_bytes());
+        out[24..28].copy_from_slice(&payload_len.to_le_bytes());
+        let crc = crc32c::crc32c(&out[..28]);
+        out[28..32].copy_from_slice(&crc.to_le_bytes());
+    }
     out
 }
 
@@ -112,26 +136,52 @@ pub(crate) enum LogHeader {
     Torn,
 }
 
-/// Decodes a log header; a valid header for another dimension or version is
-/// an error (the file belongs to another index or a newer nann).
-pub(crate) fn decode_header(bytes: &[u8], dim: u32) -> Result<LogHeader, FormatError> {
+/// Decodes a log header; a valid header for another dimension, payload
+/// length or version is an error (the file belongs to another index or a
+/// newer nann).
+pub(crate) fn decode_header(
+    bytes: &[u8],
+    dim: u32,
+    payload_len: u32,
+) -> Result<LogHeader, FormatError> {
     let Some(head) = bytes.get(..HEADER_LEN) else {
         return Ok(LogHeader::Torn);
     };
     let le32 = |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
-    if crc32c::crc32c(&head[..24]) != le32(24) {
+    // Each version has its checksum in its own place; a header that
+    // passes neither is torn.
+    let v1 = crc32c::crc32c(&head[..24]) == le32(24);
+    let v2 = crc32c::crc32c(&head[..28]) == le32(28);
+    if !v1 && !v2 {
         return Ok(LogHeader::Torn);
     }
     if head[..8] != MAGIC {
         return Err(FormatError::NotAnIndex);
     }
-    if le32(8) != VERSION {
-        return Err(FormatError::UnsupportedVersion { found: le32(8) });
-    }
+    let logged_payload_len = match le32(8) {
+        VERSION_PLAIN if v1 => 0,
+        VERSION_PAYLOADS if v2 => {
+            if le32(24) == 0 {
+                return Err(FormatError::Corrupt(
+                    "update log of format version 2 with a payload length of 0".into(),
+                ));
+            }
+            le32(24)
+        }
+        // A known version under the other version's checksum: torn.
+        VERSION_PLAIN | VERSION_PAYLOADS => return Ok(LogHeader::Torn),
+        found => return Err(FormatError::UnsupportedVersion { found }),
+    };
     if le32(12) != dim {
         return Err(FormatError::Corrupt(format!(
             "update log for dimension {}, the snapshot has {dim}",
             le32(12)
+        )));
+    }
+    if logged_payload_len != payload_len {
+        return Err(FormatError::Corrupt(format!(
+            "update log for {logged_payload_len}-byte payloads, the snapshot has \
+             {payload_len}-byte payloads (the log belongs to another index)"
         )));
     }
     let mut generation = [0u8; 8];
@@ -141,14 +191,19 @@ pub(crate) fn decode_header(bytes: &[u8], dim: u32) -> Result<LogHeader, FormatE
     })
 }
 
-/// Appends one framed record to `out`.
+/// Appends one framed record to `out`. A payload is written as given: the
+/// caller checked its length against the index's (and so the log's). An
+/// empty payload (an index without payloads) is logged as the plain
+/// operation, which it is, so version-1 logs never hold ops 4 and 5.
 pub(crate) fn encode_record(out: &mut Vec<u8>, lsn: u64, op: LogOpRef<'_>) {
-    let (code, key, vector): (u8, u64, &[f32]) = match op {
-        LogOpRef::Insert(k, v) => (1, k, v),
-        LogOpRef::Update(k, v) => (2, k, v),
-        LogOpRef::Remove(k) => (3, k, &[]),
+    let (code, key, vector, payload): (u8, u64, &[f32], &[u8]) = match op {
+        LogOpRef::Insert(k, v) | LogOpRef::InsertWithPayload(k, v, []) => (1, k, v, &[]),
+        LogOpRef::Update(k, v) | LogOpRef::UpdateWithPayload(k, v, []) => (2, k, v, &[]),
+        LogOpRef::Remove(k) => (3, k, &[], &[]),
+        LogOpRef::InsertWithPayload(k, v, p) => (4, k, v, p),
+        LogOpRef::UpdateWithPayload(k, v, p) => (5, k, v, p),
     };
-    let body_len = BODY_FIXED + 4 * vector.len();
+    let body_len = BODY_FIXED + 4 * vector.len() + payload.len();
     let start = out.len();
     out.extend_from_slice(&(body_len as u32).to_le_bytes());
     out.extend_from_slice(&[0u8; 4]);
@@ -158,23 +213,45 @@ pub(crate) fn encode_record(out: &mut Vec<u8>, lsn: u64, op: LogOpRef<'_>) {
     for x in vector {
         out.extend_from_slice(&x.to_le_bytes());
     }
+    out.extend_from_slice(payload);
     let crc = crc32c::crc32c(&out[start + FRAME_LEN..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Decodes the records after the header, in order, up to the torn tail.
 /// Returns them and the byte length of the valid prefix (header included).
-pub(crate) fn decode_records(bytes: &[u8], dim: usize) -> (Vec<LogRecord>, usize) {
+/// `payload_len` is the header's (0 for a version-1 log, which has no
+/// records with payloads).
+pub(crate) fn decode_records(
+    bytes: &[u8],
+    dim: usize,
+    payload_len: usize,
+) -> (Vec<LogRecord>, usize) {
+    /// What a body holds after its fixed fields, from its length.
+    #[derive(PartialEq)]
+    enum Shape {
+        Bare,
+        Vector,
+        VectorAndPayload,
+    }
     let mut records = Vec::new();
     let mut at = HEADER_LEN.min(bytes.len());
     let mut last_lsn = 0u64;
     let with_vector = BODY_FIXED + 4 * dim;
+    // dim >= 1 and payload_len >= 1 (when present) keep the shapes apart.
+    let with_payload = (payload_len > 0).then_some(with_vector + payload_len);
     while let Some(frame) = bytes.get(at..at + FRAME_LEN) {
         let body_len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
         let crc = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
-        if body_len != BODY_FIXED && body_len != with_vector {
+        let shape = if body_len == BODY_FIXED {
+            Shape::Bare
+        } else if body_len == with_vector {
+            Shape::Vector
+        } else if Some(body_len) == with_payload {
+            Shape::VectorAndPayload
+        } else {
             break;
-        }
+        };
         let Some(body) = bytes.get(at + FRAME_LEN..at + FRAME_LEN + body_len) else {
             break;
         };
@@ -188,15 +265,18 @@ pub(crate) fn decode_records(bytes: &[u8], dim: usize) -> (Vec<LogRecord>, usize
         key.copy_from_slice(&body[9..17]);
         let key = u64::from_le_bytes(key);
         let vector = || -> Vec<f32> {
-            body[BODY_FIXED..]
+            body[BODY_FIXED..with_vector]
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect()
         };
-        let op = match (body[8], body_len == with_vector) {
-            (1, true) => LogOp::Insert(key, vector()),
-            (2, true) => LogOp::Update(key, vector()),
-            (3, false) => LogOp::Remove(key),
+        let payload = || body[with_vector..].to_vec();
+        let op = match (body[8], shape) {
+            (1, Shape::Vector) => LogOp::Insert(key, vector()),
+            (2, Shape::Vector) => LogOp::Update(key, vector()),
+            (3, Shape::Bare) => LogOp::Remove(key),
+            (4, Shape::VectorAndPayload) => LogOp::InsertWithPayload(key, vector(), payload()),
+            (5, Shape::VectorAndPayload) => LogOp::UpdateWithPayload(key, vector(), payload()),
             _ => break,
         };
         if lsn <= last_lsn {
@@ -381,13 +461,14 @@ pub(crate) fn create_log_file(
     storage: &dyn Storage,
     dir: &Path,
     dim: u32,
+    payload_len: u32,
     generation: u64,
 ) -> Result<(Box<dyn StorageFile>, PathBuf, u64)> {
     let path = dir.join(log_file_name(generation));
     let mut file = storage
         .create(&path)
         .map_err(|e| io_error("create update log", &path, e))?;
-    file.append(&encode_header(dim, generation))
+    file.append(&encode_header(dim, payload_len, generation))
         .map_err(|e| io_error("write update log header", &path, e))?;
     // The header becomes durable with the first record batch; only the
     // name needs the directory fsync now (a torn header reads as empty).
@@ -417,15 +498,15 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_a_torn_tail_ends_the_log() {
-        let mut bytes = encode_header(3, 7).to_vec();
+        let mut bytes = encode_header(3, 0, 7).to_vec();
         encode_record(&mut bytes, 1, LogOpRef::Insert(10, &[1.0, 2.0, 3.0]));
         encode_record(&mut bytes, 2, LogOpRef::Remove(10));
         encode_record(&mut bytes, 5, LogOpRef::Update(11, &[4.0, 5.0, 6.0]));
         assert_eq!(
-            decode_header(&bytes, 3),
+            decode_header(&bytes, 3, 0),
             Ok(LogHeader::Valid { generation: 7 })
         );
-        let (records, valid) = decode_records(&bytes, 3);
+        let (records, valid) = decode_records(&bytes, 3, 0);
         assert_eq!(valid, bytes.len());
         assert_eq!(
             records,
@@ -446,30 +527,137 @@ mod tests {
         );
         // Every truncation keeps exactly the records that fit whole.
         for cut in HEADER_LEN..bytes.len() {
-            let (kept, valid) = decode_records(&bytes[..cut], 3);
+            let (kept, valid) = decode_records(&bytes[..cut], 3, 0);
             assert!(valid <= cut);
             assert!(records.starts_with(&kept));
         }
         // A flipped bit in the middle record ends the log before it.
         let mut flipped = bytes.clone();
         flipped[HEADER_LEN + 8 + 29 + 8 + 3] ^= 1;
-        assert_eq!(decode_records(&flipped, 3).0.len(), 1);
+        assert_eq!(decode_records(&flipped, 3, 0).0.len(), 1);
         // A non-growing sequence number ends it too.
-        let mut repeated = encode_header(3, 7).to_vec();
+        let mut repeated = encode_header(3, 0, 7).to_vec();
         encode_record(&mut repeated, 4, LogOpRef::Remove(1));
         encode_record(&mut repeated, 4, LogOpRef::Remove(2));
-        assert_eq!(decode_records(&repeated, 3).0.len(), 1);
+        assert_eq!(decode_records(&repeated, 3, 0).0.len(), 1);
     }
 
     #[test]
     fn a_short_or_damaged_header_reads_as_torn_and_another_dim_is_an_error() {
-        let header = encode_header(3, 1);
-        assert_eq!(decode_header(&header[..10], 3), Ok(LogHeader::Torn));
+        let header = encode_header(3, 0, 1);
+        assert_eq!(decode_header(&header[..10], 3, 0), Ok(LogHeader::Torn));
         let mut bad = header;
         bad[17] ^= 1;
-        assert_eq!(decode_header(&bad, 3), Ok(LogHeader::Torn));
-        assert!(decode_header(&header, 4).is_err());
+        assert_eq!(decode_header(&bad, 3, 0), Ok(LogHeader::Torn));
+        assert!(decode_header(&header, 4, 0).is_err());
         assert_eq!(parse_log_file_name(&log_file_name(42)), Some(42));
         assert_eq!(parse_log_file_name("log-12.wal"), None);
+    }
+
+    #[test]
+    fn payload_records_round_trip_in_a_version_2_log_only() {
+        let plain = encode_header(2, 0, 9);
+        let with = encode_header(2, 3, 9);
+        assert_eq!(u32::from_le_bytes(plain[8..12].try_into().unwrap()), 1);
+        assert_eq!(u32::from_le_bytes(with[8..12].try_into().unwrap()), 2);
+        assert_eq!(
+            decode_header(&with, 2, 3),
+            Ok(LogHeader::Valid { generation: 9 })
+        );
+        // The payload length must match the snapshot's, both ways.
+        assert!(matches!(
+            decode_header(&with, 2, 4),
+            Err(FormatError::Corrupt(m)) if m.contains("3-byte payloads")
+        ));
+        assert!(matches!(
+            decode_header(&plain, 2, 3),
+            Err(FormatError::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode_header(&with, 2, 0),
+            Err(FormatError::Corrupt(_))
+        ));
+        // An empty payload (an index without them) is the plain operation.
+        let mut empty = plain.to_vec();
+        encode_record(
+            &mut empty,
+            1,
+            LogOpRef::InsertWithPayload(1, &[1.0, 2.0], &[]),
+        );
+        encode_record(
+            &mut empty,
+            2,
+            LogOpRef::UpdateWithPayload(1, &[3.0, 4.0], &[]),
+        );
+        assert_eq!(
+            decode_records(&empty, 2, 0)
+                .0
+                .into_iter()
+                .map(|r| r.op)
+                .collect::<Vec<_>>(),
+            vec![
+                LogOp::Insert(1, vec![1.0, 2.0]),
+                LogOp::Update(1, vec![3.0, 4.0])
+            ]
+        );
+        // A damaged version-2 header reads as torn, like a version-1 one.
+        for at in [9, 13, 20, 25, 29] {
+            let mut bad = with;
+            bad[at] ^= 1;
+            assert_eq!(decode_header(&bad, 2, 3), Ok(LogHeader::Torn), "byte {at}");
+        }
+
+        let mut bytes = with.to_vec();
+        encode_record(
+            &mut bytes,
+            1,
+            LogOpRef::InsertWithPayload(10, &[1.0, 2.0], b"abc"),
+        );
+        encode_record(&mut bytes, 2, LogOpRef::Insert(11, &[3.0, 4.0]));
+        encode_record(&mut bytes, 3, LogOpRef::Update(10, &[5.0, 6.0]));
+        encode_record(
+            &mut bytes,
+            4,
+            LogOpRef::UpdateWithPayload(11, &[7.0, 8.0], b"xyz"),
+        );
+        encode_record(&mut bytes, 5, LogOpRef::Remove(10));
+        let want = vec![
+            LogOp::InsertWithPayload(10, vec![1.0, 2.0], b"abc".to_vec()),
+            LogOp::Insert(11, vec![3.0, 4.0]),
+            LogOp::Update(10, vec![5.0, 6.0]),
+            LogOp::UpdateWithPayload(11, vec![7.0, 8.0], b"xyz".to_vec()),
+            LogOp::Remove(10),
+        ];
+        let (records, valid) = decode_records(&bytes, 2, 3);
+        assert_eq!(valid, bytes.len());
+        assert_eq!(
+            records.iter().map(|r| r.op.clone()).collect::<Vec<_>>(),
+            want
+        );
+        assert_eq!(
+            records.iter().map(|r| r.lsn).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        // Every truncation keeps exactly the records that fit whole.
+        for cut in HEADER_LEN..bytes.len() {
+            let (kept, valid) = decode_records(&bytes[..cut], 2, 3);
+            assert!(valid <= cut);
+            assert!(records.starts_with(&kept));
+        }
+        // Read with another payload length (or none), a payload record has
+        // an impossible length: the log ends before it.
+        assert!(decode_records(&bytes, 2, 0).0.is_empty());
+        assert!(decode_records(&bytes, 2, 4).0.is_empty());
+        // An op code that does not match the body's shape ends the log.
+        let mut wrong = with.to_vec();
+        encode_record(
+            &mut wrong,
+            1,
+            LogOpRef::InsertWithPayload(1, &[1.0, 2.0], b"abc"),
+        );
+        wrong[HEADER_LEN + FRAME_LEN + 8] = 1; // insert code on a payload body
+        let crc = crc32c::crc32c(&wrong[HEADER_LEN + FRAME_LEN..]);
+        wrong[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&crc.to_le_bytes());
+        assert!(decode_records(&wrong, 2, 3).0.is_empty());
     }
 }

@@ -1,28 +1,41 @@
-//! Saving and opening index files (format version 1).
+//! Saving and opening index files (format versions 1 and 2).
 //!
 //! # File layout
 //!
 //! ```text
-//!  offset 0   ┌───────────────────────────────────────────────┐
-//!             │ fixed header, little-endian, decoded by hand:  │
-//!             │ magic "NANNIDX\0", version 1, rkyv controls    │
-//!             │ (endianness, alignment, pointer width), metric,│
-//!             │ dim, M, ef_construction, level seed + position,│
-//!             │ slots, live, upper blocks, entry, file length  │
-//!             │ section table: kind, align, offset, len, CRC32C│
-//!             │ CRC32C of everything above                     │
-//!  64-aligned ├───────────────────────────────────────────────┤
-//!             │ level0   rkyv Vec<u32>  slots x (2 + M0)       │
-//!             │ cells    rkyv Vec<u32>  slot | tombstone bit   │
-//!             │ anchors  rkyv Vec<u32>  per slot               │
-//!             │ upper    rkyv Vec<u32>  [level, lists] / block │
-//!             │ vectors  rkyv Vec<f32>  slots x dim            │
-//!             │ keys     rkyv Vec<u64>  per slot               │
-//!             └───────────────────────────────────────────────┘
+//!  offset 0   ┌────────────────────────────────────────────────┐
+//!             │ fixed header (128 bytes), little-endian,        │
+//!             │ decoded by hand: magic "NANNIDX\0", version     │
+//!             │ (1, or 2 with payloads), rkyv controls          │
+//!             │ (endianness, alignment, pointer width), metric, │
+//!             │ dim, M, ef_construction, section count, level   │
+//!             │ seed + position, slots, live, upper blocks,     │
+//!             │ file length, entry, log lsn; v2 only: payload   │
+//!             │ length u32 at offset 96 (1..=65536); zeros      │
+//!             │ section table: kind, align, offset, len, CRC32C │
+//!             │ (6 entries in v1, 7 in v2)                      │
+//!             │ CRC32C of everything above                      │
+//!  64-aligned ├────────────────────────────────────────────────┤
+//!             │ level0   rkyv Vec<u32>  slots x (2 + M0)        │
+//!             │ cells    rkyv Vec<u32>  slot | tombstone bit    │
+//!             │ anchors  rkyv Vec<u32>  per slot                │
+//!             │ upper    rkyv Vec<u32>  [level, lists] / block  │
+//!             │ vectors  rkyv Vec<f32>  slots x dim             │
+//!             │ keys     rkyv Vec<u64>  per slot                │
+//!             │ payloads rkyv Vec<u32>  slots x ceil(len / 4)   │ v2 only
+//!             └────────────────────────────────────────────────┘
 //! ```
 //!
 //! A saved file holds exactly one vector per slot (cell ids are renumbered to
 //! slot ids), so the garbage cells of past updates are never written.
+//!
+//! An index without payloads is written as version 1, byte for byte as
+//! before version 2 existed; an index with payloads
+//! ([`IndexParams::payload_len`]) as version 2: the same sections plus
+//! `payloads`, one run of `ceil(payload_len / 4)` little-endian words per
+//! slot (the payload's bytes in order, the last word zero-padded; zeros for
+//! a slot without an entry), laid out like the vectors so that `open`
+//! serves them from the file too. This build reads both versions.
 //!
 //! # Validation order
 //!
@@ -36,13 +49,16 @@
 //!    [`Index::verify_checksums`] (below).
 //! 3. `rkyv::access` (bytecheck) on each section.
 //! 4. Structure: every array length against the header's counts (checked
-//!    multiplication), lock words, degrees, upper-block table, cell words,
+//!    multiplication; the payload section against slots x words of the
+//!    header's payload length), lock words, degrees, upper-block table, cell words,
 //!    entry point, live count: all before anything is allocated from a count.
 //! 5. The index is built and [`Index::check_invariants`] runs on it (rkyv
 //!    does not know what a neighbour id or an anchor is); only an index that
 //!    passes is returned.
-//! 6. Every stored vector finite ([`Index::check_vectors`]): with step 2, by
-//!    [`Index::open_untrusted`] and [`Index::from_bytes`].
+//! 6. Every stored vector finite ([`Index::check_vectors`]) and the padding
+//!    after every payload zero: with step 2, by [`Index::open_untrusted`]
+//!    and [`Index::from_bytes`] (content checks: neither can make the index
+//!    unsafe; padding is never returned).
 //!
 //! A damaged or hostile file gives an [`Error::Format`], never a panic.
 //! Checksums are not authentication: validation does not rely on them
@@ -53,9 +69,9 @@
 //!
 //! ```text
 //!   file on disk ──mmap MAP_PRIVATE──► mapping (copy-on-write, owned by an Arc)
-//!                                        │ level0 │ cells │ anchors │ vectors │ keys │
-//!                                        └───┬────┴───┬───┴────┬────┴────┬────┴──┬───┘
-//!   Index ── Graph ── chunk 0 of each array ─┘        └────────┴─────────┴───────┘
+//!                                        │ level0 │ cells │ anchors │ vectors │ keys │ payloads │
+//!                                        └───┬────┴───┬───┴────┬────┴────┬────┴──┬───┴────┬─────┘
+//!   Index ── Graph ── chunk 0 of each array ─┘        └────────┴─────────┴───────┴────────┘
 //!                 └── chunks 1.. (heap, grown by later inserts, 1/32 of the file each)
 //!   upper-layer blocks, key map: rebuilt on the heap (about 1/16 of the nodes;
 //!   n small entries); `open_unchecked` fills the key map on first use
@@ -135,7 +151,10 @@ use crate::keymap::KeyMap;
 use crate::params::IndexParams;
 use crate::sync::Ordering;
 
-use format::{header_len, Section, SECTION_ALIGN, SECTION_KINDS, VERSION};
+use format::{
+    header_len, section_kinds, Section, SECTION_ALIGN, SECTION_KINDS, VERSION_PAYLOADS,
+    VERSION_PLAIN,
+};
 pub(crate) use format::{Header, RkyvFormat, SectionKind};
 
 /// Why a file is not a valid index.
@@ -146,7 +165,9 @@ pub enum FormatError {
     #[error("not a nann index file (wrong magic bytes)")]
     NotAnIndex,
     /// Written by another format version.
-    #[error("index format version {found} is not supported by this build (it reads version 1)")]
+    #[error(
+        "index format version {found} is not supported by this build (it reads versions 1 and 2)"
+    )]
     UnsupportedVersion {
         /// The file's version.
         found: u32,
@@ -194,8 +215,8 @@ impl From<FormatError> for Error {
     }
 }
 
-/// rkyv archives of the six sections, in file order.
-/// A consistent copy of an index, ready to be written.
+/// A consistent copy of an index, ready to be written: the header and the
+/// rkyv archives of its sections, in file order.
 pub(crate) struct Snapshot {
     header: Header,
     parts: Vec<rkyv::util::AlignedVec>,
@@ -217,6 +238,26 @@ impl Snapshot {
         }
         io::write_atomically(storage, path, &parts)
     }
+}
+
+/// A payload (at most `words * 4` bytes) as the little-endian words of the
+/// `payloads` section, the last one zero-padded.
+fn payload_to_words(payload: &[u8], words: usize) -> impl Iterator<Item = u32> + '_ {
+    (0..words).map(move |i| {
+        let mut bytes = [0u8; 4];
+        let from = payload.get(i * 4..).unwrap_or(&[]);
+        let n = from.len().min(4);
+        bytes[..n].copy_from_slice(&from[..n]);
+        u32::from_le_bytes(bytes)
+    })
+}
+
+/// The first `len` bytes of a slot's payload words (the inverse of
+/// [`payload_to_words`]).
+fn payload_from_words(words: &[u32], len: usize) -> Vec<u8> {
+    let mut out: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    out.truncate(len);
+    out
 }
 
 fn archive<T>(value: &Vec<T>) -> Result<rkyv::util::AlignedVec>
@@ -281,15 +322,16 @@ impl Index {
     /// The header and section archives of the current state, stamped with
     /// the update-log sequence number `log_lsn` it contains.
     pub(crate) fn snapshot(&self, log_lsn: u64) -> Result<Snapshot> {
-        if self.params.payload_len > 0 {
-            // Format version 1 has no payload section: saving would drop
-            // the payloads silently.
-            return Err(Error::Unsupported(
-                "saving an index with payloads: the file format has no payload section yet; \
-                 rebuild the index from its source (e.g. the ad side of a BAR model) instead",
-            ));
-        }
-        let (export, vectors, keys, live, level_counter) = {
+        let payload_len = self.params.payload_len;
+        // Version 1 (byte for byte what it always was) without payloads,
+        // version 2 with them.
+        let version = if payload_len > 0 {
+            VERSION_PAYLOADS
+        } else {
+            VERSION_PLAIN
+        };
+        let payload_words = payload_len.div_ceil(4);
+        let (export, vectors, keys, payloads, live, level_counter) = {
             // Writers pause (searches do not) while the arrays are copied.
             let _quiescent = self.writer_gate.write();
             let slots = self.next_slot.load(Ordering::Acquire);
@@ -298,21 +340,38 @@ impl Index {
             let dim = self.params.dim;
             let mut vectors = Vec::with_capacity(slots * dim);
             let mut keys = Vec::with_capacity(slots);
+            let mut payloads: Vec<u32> = Vec::with_capacity(slots * payload_words);
+            let mut payload = Vec::with_capacity(payload_len);
             for slot in 0..slots as u32 {
                 match self.graph.vector(slot, &guard) {
                     Some(v) => {
                         vectors.extend_from_slice(v.vector);
                         keys.push(self.graph.vectors.key(v.cell));
+                        if payload_len > 0 {
+                            payload.clear();
+                            self.graph
+                                .vectors
+                                .payload_into(v.cell, &guard, &mut payload);
+                            payloads.extend(payload_to_words(&payload, payload_words));
+                        }
                     }
                     None => {
                         vectors.extend(std::iter::repeat_n(0.0f32, dim));
                         keys.push(0);
+                        payloads.extend(std::iter::repeat_n(0u32, payload_words));
                     }
                 }
             }
-            (export, vectors, keys, self.len(), self.levels.position())
+            (
+                export,
+                vectors,
+                keys,
+                payloads,
+                self.len(),
+                self.levels.position(),
+            )
         };
-        let parts = vec![
+        let mut parts = vec![
             archive(&export.level0)?,
             archive(&export.cells)?,
             archive(&export.anchors)?,
@@ -320,9 +379,13 @@ impl Index {
             archive(&vectors)?,
             archive(&keys)?,
         ];
-        let mut offset = header_len(SECTION_KINDS.len());
+        if version == VERSION_PAYLOADS {
+            parts.push(archive(&payloads)?);
+        }
+        let kinds = section_kinds(version).unwrap_or(&SECTION_KINDS);
+        let mut offset = header_len(kinds.len());
         let mut sections = Vec::with_capacity(parts.len());
-        for (kind, bytes) in SECTION_KINDS.iter().zip(&parts) {
+        for (kind, bytes) in kinds.iter().zip(&parts) {
             offset = offset.next_multiple_of(SECTION_ALIGN);
             sections.push(Section {
                 kind: *kind as u32,
@@ -337,7 +400,7 @@ impl Index {
             .entry
             .map_or((u32::MAX, u32::MAX), |(s, l)| (s, l as u32));
         let header = Header {
-            version: VERSION,
+            version,
             rkyv: RkyvFormat::current(),
             metric: self.params.metric,
             dim: self.params.dim as u32,
@@ -352,6 +415,7 @@ impl Index {
             entry_level,
             log_lsn,
             file_len: offset,
+            payload_len: payload_len as u32,
             sections,
         };
         Ok(Snapshot { header, parts })
@@ -540,7 +604,7 @@ fn map_file(path: &Path) -> Result<(memmap2::MmapMut, Option<memmap2::Mmap>)> {
 }
 
 fn check_checksums(header: &Header, file: &[u8]) -> Result<()> {
-    for (kind, section) in SECTION_KINDS.iter().zip(&header.sections) {
+    for (kind, section) in header.kinds().iter().zip(&header.sections) {
         let bytes = header.section(file, *kind);
         if crc32c::crc32c(bytes) != section.crc {
             return Err(FormatError::SectionChecksum {
@@ -569,6 +633,9 @@ fn load(mut backing: Backing, check: Check, origin: Option<memmap2::Mmap>) -> Re
         Sections::access(&header, file)?
     };
     let mut layout = check_structure(&header, &sections, check != Check::Nothing)?;
+    if check == Check::All {
+        check_payload_padding(layout.params.payload_len, &sections.payloads)?;
+    }
     let Some(offsets) = sections.borrowable(file) else {
         let index = restore_by_copy(&header, &layout, &sections)?;
         return finish(index, check, origin, None);
@@ -584,8 +651,10 @@ fn load(mut backing: Backing, check: Check, origin: Option<memmap2::Mmap>) -> Re
     drop(sections);
     let base = backing.base_mut();
     let keepalive: crate::storage::Keepalive = std::sync::Arc::new(backing);
-    // SAFETY: `borrowable` returned byte offsets of the five arrays inside
-    // the backing, each in bounds for `slots` records of its array (checked
+    // SAFETY: `borrowable` returned byte offsets of the five arrays (six
+    // with payloads) inside the backing, each in bounds for `slots` records
+    // of its array (`payload_len.div_ceil(4) >= 1` words per slot for
+    // payloads, which are present only when non-empty; lengths checked
     // against the header by `check_structure`, or guaranteed by
     // `open_unchecked`'s contract) and aligned for its element type. The
     // backing is owned by `keepalive` (moving it into the Arc moved neither
@@ -603,6 +672,12 @@ fn load(mut backing: Backing, check: Check, origin: Option<memmap2::Mmap>) -> Re
                 anchors: NonNull::new_unchecked(base.add(offsets.anchors).cast()),
                 vectors: NonNull::new_unchecked(base.add(offsets.vectors).cast()),
                 keys: NonNull::new_unchecked(base.add(offsets.keys).cast()),
+                payloads: offsets.payloads.map(|at| {
+                    (
+                        NonNull::new_unchecked(base.add(at).cast()),
+                        params.payload_len,
+                    )
+                }),
                 keepalive,
             },
         )?
@@ -720,6 +795,8 @@ pub struct FileInfo {
     pub log_lsn: u64,
     /// File length in bytes.
     pub file_len: u64,
+    /// Payload bytes per entry (0: none; format version 2 only).
+    pub payload_len: u32,
     /// rkyv format controls of the writer: (big-endian, unaligned, pointer width in bytes).
     pub rkyv_format: (bool, bool, u8),
     /// Sections: (name, offset, length, CRC32C).
@@ -746,12 +823,14 @@ impl FileInfo {
             entry: (h.entry_slot != u32::MAX).then_some((h.entry_slot, h.entry_level)),
             log_lsn: h.log_lsn,
             file_len: h.file_len,
+            payload_len: h.payload_len,
             rkyv_format: (
                 h.rkyv.big_endian != 0,
                 h.rkyv.unaligned != 0,
                 h.rkyv.pointer_width,
             ),
-            sections: SECTION_KINDS
+            sections: h
+                .kinds()
                 .iter()
                 .zip(&h.sections)
                 .map(|(k, s)| (k.name(), s.offset, s.len, s.crc))
@@ -772,7 +851,7 @@ fn archive_error(kind: SectionKind, e: rancor::Error) -> Error {
     .into()
 }
 
-/// The six sections of a file as typed slices of the file's own bytes.
+/// The sections of a file as typed slices of the file's own bytes.
 /// Borrowed where the archived layout is the native one (little-endian
 /// targets), converted copies otherwise.
 struct Sections<'f> {
@@ -782,6 +861,8 @@ struct Sections<'f> {
     upper: Cow<'f, [u32]>,
     vectors: Cow<'f, [f32]>,
     keys: Cow<'f, [u64]>,
+    /// Empty in a version-1 file (no payloads).
+    payloads: Cow<'f, [u32]>,
 }
 
 /// Byte offsets, inside the file, of the arrays an index can borrow.
@@ -791,6 +872,8 @@ struct Offsets {
     anchors: usize,
     vectors: usize,
     keys: usize,
+    /// `None` when the file holds no payloads.
+    payloads: Option<usize>,
 }
 
 /// Archived element types whose bytes, on a little-endian target, are the
@@ -866,6 +949,11 @@ impl<'f> Sections<'f> {
             upper: one::<rkyv::rend::u32_le>(header, file, SectionKind::Upper)?,
             vectors: one::<rkyv::rend::f32_le>(header, file, SectionKind::Vectors)?,
             keys: one::<rkyv::rend::u64_le>(header, file, SectionKind::Keys)?,
+            payloads: if header.kinds().contains(&SectionKind::Payloads) {
+                one::<rkyv::rend::u32_le>(header, file, SectionKind::Payloads)?
+            } else {
+                Cow::Borrowed(&[])
+            },
         })
     }
 
@@ -889,7 +977,9 @@ impl<'f> Sections<'f> {
             // SAFETY: the caller guarantees a valid archive of `Vec<A>`.
             native(unsafe { rkyv::access_unchecked::<ArchivedVec<A>>(bytes) }.as_slice())
         }
-        // SAFETY (all six): forwarded from this function's contract.
+        // SAFETY (all seven): forwarded from this function's contract (a
+        // version-1 file has no payload section: `section` gives no bytes,
+        // and `one` an empty array without reading them).
         unsafe {
             Self {
                 level0: one::<rkyv::rend::u32_le>(header, file, SectionKind::Level0),
@@ -898,6 +988,7 @@ impl<'f> Sections<'f> {
                 upper: one::<rkyv::rend::u32_le>(header, file, SectionKind::Upper),
                 vectors: one::<rkyv::rend::f32_le>(header, file, SectionKind::Vectors),
                 keys: one::<rkyv::rend::u64_le>(header, file, SectionKind::Keys),
+                payloads: one::<rkyv::rend::u32_le>(header, file, SectionKind::Payloads),
             }
         }
     }
@@ -965,6 +1056,15 @@ impl<'f> Sections<'f> {
                 file,
                 std::mem::align_of::<crate::sync::AtomicU64>(),
             )?,
+            payloads: if self.payloads.is_empty() {
+                None
+            } else {
+                Some(at(
+                    &self.payloads,
+                    file,
+                    std::mem::align_of::<crate::sync::AtomicU32>(),
+                )?)
+            },
         })
     }
 }
@@ -995,7 +1095,8 @@ fn check_structure<'f>(
     let params = IndexParams::new(header.dim as usize, header.metric)
         .m(header.m as usize)
         .ef_construction(header.ef_construction as usize)
-        .seed(header.seed);
+        .seed(header.seed)
+        .payload_len(header.payload_len as usize);
     params
         .validate()
         .map_err(|e| corrupt(format!("parameters: {e}")))?;
@@ -1029,6 +1130,19 @@ fn check_structure<'f>(
     expect("anchors", sections.anchors.len(), Some(slots))?;
     expect("keys", sections.keys.len(), Some(slots))?;
     expect("vectors", sections.vectors.len(), slots.checked_mul(dim))?;
+    // Payloads: one run of words per slot (none in a version-1 file).
+    let payload_words = params.payload_len.div_ceil(4);
+    let want = slots.checked_mul(payload_words);
+    if want != Some(sections.payloads.len()) {
+        return Err(corrupt(format!(
+            "section payloads holds {} words, but {slots} slots of {}-byte payloads \
+             ({payload_words} words each) need {}; the payload section or the header's \
+             payload length is damaged",
+            sections.payloads.len(),
+            params.payload_len,
+            want.map_or_else(|| "more than memory holds".to_string(), |w| w.to_string()),
+        )));
+    }
 
     // Upper blocks: walk the section; every block needs >= 1 word, so the
     // count is bounded by the section's length before the table is built.
@@ -1209,6 +1323,27 @@ fn check_structure<'f>(
     })
 }
 
+/// Checks that the padding after each slot's payload (the unused bytes of
+/// its last word) is zero, as `save` writes it. A content check, made with
+/// the checksums: the padding is never read otherwise.
+fn check_payload_padding(payload_len: usize, payloads: &[u32]) -> Result<()> {
+    let (words, used) = (payload_len.div_ceil(4), payload_len % 4);
+    if words == 0 || used == 0 {
+        return Ok(());
+    }
+    let padding = u32::MAX << (8 * used);
+    match payloads
+        .chunks_exact(words)
+        .position(|run| run[words - 1] & padding != 0)
+    {
+        Some(slot) => Err(corrupt(format!(
+            "slot {slot}: the padding after its {payload_len}-byte payload is not zero \
+             (the payload section is damaged)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Builds a fresh index by copying checked arrays (big-endian targets, and
 /// files an index cannot borrow from, such as an empty one).
 fn restore_by_copy(header: &Header, layout: &Layout<'_>, sections: &Sections<'_>) -> Result<Index> {
@@ -1217,8 +1352,21 @@ fn restore_by_copy(header: &Header, layout: &Layout<'_>, sections: &Sections<'_>
     // Vectors go through the arena's allocator in slot order, so cell i is
     // slot i's.
     let mut index = Index::new(params.capacity(slots.max(1)))?;
+    let payload_len = index.params.payload_len;
+    let payload_words = payload_len.div_ceil(4);
     for (slot, (v, &key)) in sections.vectors.chunks_exact(dim).zip(keys).enumerate() {
-        let cell = index.graph.vectors.allocate(key, v)?;
+        let payload = match sections
+            .payloads
+            .get(slot * payload_words..(slot + 1) * payload_words)
+        {
+            Some(words) if payload_words > 0 => payload_from_words(words, payload_len),
+            // No payloads (or none for this slot: lengths were checked).
+            _ => Vec::new(),
+        };
+        let cell = index
+            .graph
+            .vectors
+            .allocate_with_payload(key, v, &payload)?;
         if cell as usize != slot {
             return Err(corrupt("internal: cell numbering"));
         }
