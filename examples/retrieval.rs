@@ -11,7 +11,9 @@
 //! 1. loads the small pretrained BAR model shipped in `weights/` (remake it
 //!    with `cargo run --release --features train --example bar_eval --
 //!    --variants bar --save-weights weights/bar-small.safetensors`);
-//! 2. generates the synthetic ad market it was trained on (100k ads);
+//! 2. generates the synthetic ad market it was trained on (100k ads), after
+//!    every advertiser set its budget (`Market::with_operated_budgets`, the
+//!    market `bar_eval` evaluates on);
 //! 3. computes every ad's side (`z_a`, the index vector, and its tokens, the
 //!    payload) and builds the index;
 //! 4. serves requests for `--seconds` on one thread with `Index::search_with`
@@ -149,13 +151,17 @@ fn run(args: &Args) -> Result<(), String> {
             args.ads, args.seed
         ),
     );
+    // The market after every advertiser set its budget: the one `bar_eval`
+    // evaluates on (the logs the model learned from confound budgets with
+    // appeal; see `nann::bar::market`).
     let market = Market::generate(
         &MarketConfig::default()
             .with_ads(args.ads)
             .with_users(args.users)
             .with_seed(args.seed),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?
+    .with_operated_budgets(1);
     if market.model_config() != *model.config() {
         return Err("the weights were trained on a market with other vocabularies; pass the same --ads/--users sizes' configuration or retrain".into());
     }

@@ -43,7 +43,12 @@
 //! * `bid_type` ∈ {0 OCPC, 1 max return, 2 multi-constrained} with
 //!   probabilities 0.5 / 0.3 / 0.2;
 //! * `bid_constraint ~ LN(5, 0.8)`, clamped to `[0.05, e^6 − 1]`;
-//! * `budget_left_ratio ~ U(0, 1)`, `time_left_ratio ~ U(0, 1)`;
+//! * `budget_left_ratio = Φ(−ρ · h_a + √(1 − ρ²) · Φ⁻¹(U(0, 1)))`, where
+//!   `h_a ~ N(0, 1)` is the ad's hidden *appeal* (below) and `ρ` =
+//!   [`spend_correlation`](MarketConfig::spend_correlation) (0.8): uniform
+//!   on `[0, 1]`, but appealing ads have spent more of their budget when the
+//!   logs are drawn (they win more auctions);
+//! * `time_left_ratio ~ U(0, 1)`;
 //! * `default_bid_value` (aBid, the ad's usual bid level)
 //!   `= 5 · (bid_constraint / 5)^0.5 · exp(0.3 · N(0, 1))`, clamped to
 //!   `[0.01, e^6 − 1]`: correlated with, but not determined by, the
@@ -79,7 +84,7 @@
 //! interest(u, a) = w_u(cate(a))        (the user's weight on the ad's
 //!                                       category, 0 if not an interest)
 //! pCTR(u, a)     = sigmoid(−5.5 + affinity(u, a) + 2.5 · interest(u, a)
-//!                          + q_brand(a))
+//!                          + q_brand(a) + σ_h · h_a)
 //! pBid(a)        = default_bid_value · g(bid)
 //! g(bid)         = (0.2 + 1.2 · budget_left_ratio^0.7)
 //!                · (bid_constraint / 5)^0.6
@@ -87,6 +92,9 @@
 //!                · (1.1 − 0.2 · time_left_ratio)
 //! eCPM(u, a)     = pCTR · pBid · 1000
 //! ```
+//!
+//! `σ_h` = [`appeal_sigma`](MarketConfig::appeal_sigma) (0.5): the appeal is
+//! the ad's creative quality, which no feature shows.
 //!
 //! `g` (= pBid / aBid, the paper's normalised bid target, eq. 13) is strictly
 //! increasing in `budget_left_ratio` and in `bid_constraint` (the monotone
@@ -102,11 +110,15 @@
 //! the mean pCTR over random (user, ad) pairs is about 1% and over
 //! impressions about 25%; about 95% of impressions are in the user's
 //! interest categories; and the two halves of eCPM matter about equally:
-//! the true top 100 of a request shares about 14% of its ads with the top
+//! the true top 100 of a request shares about 10% of its ads with the top
 //! 100 by pCTR alone (every ad's bids replaced by the corpus means) and
-//! about 7% with the top 100 by pBid alone, and an oracle ranking by pCTR
-//! alone, or by pBid alone, recalls about 63% of the impressions in its
-//! top 500 (the true eCPM: all of them, up to the ranking noise).
+//! about 6% with the top 100 by pBid alone, and an oracle ranking by pCTR
+//! alone recalls about 56% of the impressions in its top 500, by pBid
+//! alone about 50% (the true eCPM: all of them, up to the ranking noise).
+//! Impressions have a mean `budget_left_ratio` of about 0.57 in the logs
+//! and 0.71 after [`with_operated_budgets`](Market::with_operated_budgets)
+//! (the corpus mean is 0.5). Figures from the ignored test
+//! `default_market_statistics` in `tests/bar_market.rs`.
 //!
 //! **Sessions** (Appendix A.1). Session `i` picks a uniform user and scores
 //! the *whole* corpus with the ranking stage's eCPM, the truth with the
@@ -125,6 +137,18 @@
 //! perturbations (the BAO objective), [`Market::bid_event`] draws a live
 //! bid change for the near-line updater, and [`Market::set_bid`] applies
 //! one; the truth follows the current bids.
+//!
+//! **Logs and interventions.** Through the appeal, the logs confound the
+//! budget: ads with little budget left are, on average, the appealing ones,
+//! so in logged sessions a low `budget_left_ratio` goes with *more*
+//! exposure, against the auction's monotone effect (with the defaults the
+//! two nearly cancel in the logs). A model fitted to the logs alone can
+//! learn the correlation instead of the effect.
+//! [`Market::with_operated_budgets`] is the market after every advertiser
+//! has set its budget (an intervention, independent of appeal): the market
+//! a retrieval model serves when budgets change, and where the
+//! evaluation (`bar_eval`) measures it, as the paper's bidding-aware
+//! objective is meant for (§3.3).
 
 use std::fmt;
 
@@ -183,6 +207,8 @@ const S_STRATA: u64 = 10;
 const S_EASY: u64 = 11;
 const S_PERTURB: u64 = 12;
 const S_EVENT: u64 = 13;
+const S_APPEAL: u64 = 14;
+const S_OPERATE: u64 = 15;
 
 fn bc_max() -> f32 {
     LOG_MAX.exp_m1()
@@ -218,6 +244,16 @@ pub struct MarketConfig {
     /// Standard deviation of the ranking stage's log-eCPM error (0: the
     /// ranking stage is the truth).
     pub rank_noise: f32,
+    /// Standard deviation `σ_h` of an ad's hidden creative appeal in the
+    /// pCTR logit: what makes users click an ad beyond its item, category
+    /// and brand. No feature shows it (0: no hidden appeal).
+    pub appeal_sigma: f32,
+    /// Correlation `ρ ∈ [0, 1)` between an ad's hidden appeal and how much
+    /// of its budget it has *spent* when the logs are drawn: appealing ads
+    /// win more auctions and spend faster, so in the logs a low
+    /// `budget_left_ratio` goes with high appeal (0: budgets independent of
+    /// appeal). [`Market::with_operated_budgets`] removes the correlation.
+    pub spend_correlation: f32,
 }
 
 impl Default for MarketConfig {
@@ -236,6 +272,8 @@ impl Default for MarketConfig {
             max_seq_len: 50,
             ranking_depth: 1000,
             rank_noise: 0.3,
+            appeal_sigma: 0.5,
+            spend_correlation: 0.8,
         }
     }
 }
@@ -277,7 +315,8 @@ impl MarketConfig {
 
     /// Every size in range: counts positive and below `2^24` (ads and users
     /// below `2^30`), `latent_dim ≤ 4096`, `ranking_depth ≥ 105` and
-    /// `ads ≥ 5 + ranking_depth`, `rank_noise` finite and non-negative.
+    /// `ads ≥ 5 + ranking_depth`, `rank_noise` and `appeal_sigma` finite
+    /// and non-negative, `spend_correlation` in `[0, 1)`.
     pub fn validate(&self) -> Result<(), ModelError> {
         let limits = [
             ("ads", self.ads, 1 << 30),
@@ -314,10 +353,21 @@ impl MarketConfig {
                 ),
             ));
         }
-        if !(self.rank_noise.is_finite() && self.rank_noise >= 0.0) {
+        for (key, value) in [
+            ("rank_noise", self.rank_noise),
+            ("appeal_sigma", self.appeal_sigma),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(market_error(
+                    key,
+                    format!("{value} is not finite and non-negative"),
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&self.spend_correlation) {
             return Err(market_error(
-                "rank_noise",
-                format!("{} is not finite and non-negative", self.rank_noise),
+                "spend_correlation",
+                format!("{} is not in [0, 1)", self.spend_correlation),
             ));
         }
         Ok(())
@@ -420,7 +470,7 @@ pub struct Market {
     ads: Vec<Ad>,
     /// `ads × d`, row-major.
     ad_latent: Vec<f32>,
-    /// `−4 + q_brand(a)` per ad.
+    /// `−5.5 + q_brand(a) + σ_h · h_a` per ad.
     ad_offset: Vec<f32>,
     /// The true pBid under each ad's current bids.
     pbid: Vec<f32>,
@@ -500,7 +550,11 @@ impl Market {
             let bid_type = rng.categorical(&BID_TYPE_PROBS) as u32;
             let bid_constraint =
                 (BC_MEDIAN * (BC_SIGMA * rng.normal()).exp() as f32).clamp(BC_MIN, bc_max());
-            let budget_left_ratio = rng.uniform() as f32;
+            // The ad's own budget draw, coupled to its hidden appeal through
+            // a Gaussian copula (the marginal stays U(0, 1)).
+            let budget_draw = rng.uniform();
+            let appeal = Rng::new(seed, S_APPEAL, a as u64).normal();
+            let budget_left_ratio = spent_by_appeal(budget_draw, appeal, config.spend_correlation);
             let time_left_ratio = rng.uniform() as f32;
             let default_bid_value = (DBV_SCALE
                 * (bid_constraint / BC_MEDIAN).powf(DBV_EXPONENT)
@@ -514,7 +568,7 @@ impl Market {
                 default_bid_value,
             };
             pbid.push(pbid_of(&bid));
-            ad_offset.push(CTR_BIAS + brand_quality[brand]);
+            ad_offset.push(CTR_BIAS + brand_quality[brand] + config.appeal_sigma * appeal as f32);
             ad_cate.push(item_cate[item]);
             ads.push(Ad {
                 key: a as u64,
@@ -992,6 +1046,29 @@ impl Market {
         Ok(())
     }
 
+    /// The same market after every advertiser has set its budget: each ad's
+    /// `budget_left_ratio` drawn afresh from `U(0, 1)`, independent of its
+    /// hidden appeal (as an intervention is), everything else unchanged.
+    /// Deterministic in `(seed, salt)`.
+    ///
+    /// This is the market retrieval has to serve: the logs a model learns
+    /// from confound the budget with appeal
+    /// ([`spend_correlation`](MarketConfig::spend_correlation)), but when
+    /// an advertiser adds budget the ad's appeal does not change, and the
+    /// ranking stage (the truth) ranks it higher. A model that learned the
+    /// logs' correlation instead of the auction's monotone effect retrieves
+    /// the wrong ads here (the paper's case for the bidding-aware
+    /// objective, §3.3).
+    pub fn with_operated_budgets(&self, salt: u64) -> Market {
+        let mut operated = self.clone();
+        for (a, ad) in operated.ads.iter_mut().enumerate() {
+            let mut rng = Rng::new(self.config.seed, S_OPERATE, mix(salt) ^ a as u64);
+            ad.features.bid.budget_left_ratio = rng.uniform() as f32;
+            operated.pbid[a] = pbid_of(&ad.features.bid);
+        }
+        operated
+    }
+
     fn perturb_with(&self, bid: &BidFeatures, rng: &mut Rng) -> (BidFeatures, f32) {
         let budget_first = rng.uniform() < 0.5;
         let up_first = rng.uniform() < 0.5;
@@ -1296,6 +1373,38 @@ impl Rng {
     }
 }
 
+/// The logged `budget_left_ratio` of an ad: its uniform draw `u` mapped
+/// through the normal quantile, mixed with minus its appeal `h` at
+/// correlation `rho`, and mapped back through the normal CDF:
+/// `Φ(−ρ·h + √(1 − ρ²)·Φ⁻¹(u))`. The result is again `U(0, 1)` (for
+/// `h ~ N(0, 1)`) and equals `u` (to rounding) when `rho = 0`.
+fn spent_by_appeal(u: f64, appeal: f64, rho: f32) -> f32 {
+    let rho = f64::from(rho);
+    let z = inverse_normal_cdf(u.clamp(1e-12, 1.0 - 1e-12));
+    normal_cdf(-rho * appeal + (1.0 - rho * rho).sqrt() * z) as f32
+}
+
+/// The standard normal CDF through `erfc` (Numerical Recipes' Chebyshev
+/// fit, fractional error below 1.2e-7).
+fn normal_cdf(x: f64) -> f64 {
+    let z = x.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let erfc = t * poly.exp();
+    if x >= 0.0 {
+        1.0 - 0.5 * erfc
+    } else {
+        0.5 * erfc
+    }
+}
+
 /// The standard normal quantile (Acklam's rational approximation, relative
 /// error below 1.2e-9), for `p` in `(0, 1)`.
 fn inverse_normal_cdf(p: f64) -> f64 {
@@ -1348,6 +1457,57 @@ fn inverse_normal_cdf(p: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn normal_cdf_matches_known_values_and_inverts_the_quantile() {
+        // Φ(x) from tables (Abramowitz & Stegun 26.2).
+        for (x, p) in [
+            (0.0, 0.5),
+            (1.0, 0.841_344_746),
+            (-1.959_963_985, 0.025),
+            (2.326_347_874, 0.99),
+            (-3.0, 0.001_349_898),
+        ] {
+            assert!(
+                (normal_cdf(x) - p).abs() < 2e-7,
+                "Φ({x}) = {}",
+                normal_cdf(x)
+            );
+        }
+        for j in 1..200 {
+            let p = j as f64 / 200.0;
+            assert!((normal_cdf(inverse_normal_cdf(p)) - p).abs() < 2e-7);
+        }
+    }
+
+    #[test]
+    fn spending_couples_the_budget_to_appeal_and_keeps_it_uniform() {
+        // ρ = 0: the ad's own draw, unchanged.
+        for j in 0..100 {
+            let u = (j as f64 + 0.5) / 100.0;
+            assert!((spent_by_appeal(u, 1.7, 0.0) as f64 - u).abs() < 1e-6);
+        }
+        // ρ = 0.8: uniform margin, strongly negative correlation with appeal.
+        let mut rng = Rng::new(3, 99, 0);
+        let n = 20_000;
+        let (mut sum, mut below_tenth, mut cov) = (0.0, 0usize, 0.0);
+        for _ in 0..n {
+            let h = rng.normal();
+            let b = spent_by_appeal(rng.uniform(), h, 0.8) as f64;
+            assert!((0.0..=1.0).contains(&b));
+            sum += b;
+            below_tenth += usize::from(b < 0.1);
+            cov += h * (b - 0.5);
+        }
+        assert!((sum / n as f64 - 0.5).abs() < 0.01);
+        assert!((below_tenth as f64 / n as f64 - 0.1).abs() < 0.01);
+        // corr(h, Φ(−ρh + …)) = −ρ · √(3/π) for a uniform margin: ≈ −0.78.
+        let corr = cov / n as f64 / (1.0f64 / 12.0).sqrt();
+        assert!(
+            (corr + 0.8 * (3.0 / std::f64::consts::PI).sqrt()).abs() < 0.03,
+            "{corr}"
+        );
+    }
 
     #[test]
     fn inverse_cdf_matches_known_quantiles() {
