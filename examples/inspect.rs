@@ -59,6 +59,9 @@ fn main() -> ExitCode {
                 info.slots.saturating_sub(info.live),
                 info.upper_blocks
             );
+            if info.payload_len > 0 {
+                out!("payload: {} bytes per entry", info.payload_len);
+            }
             match info.entry {
                 Some((slot, level)) => out!("entry point: slot {slot}, max level {level}"),
                 None => out!("entry point: none (empty graph)"),

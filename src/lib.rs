@@ -71,6 +71,8 @@ pub mod bar;
 mod beam;
 mod beam_retrieval;
 mod compact;
+#[cfg(all(feature = "cuda", not(loom)))]
+pub mod cuda;
 mod distance;
 #[cfg(not(loom))]
 mod durable;
