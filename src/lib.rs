@@ -97,6 +97,8 @@ mod search;
 mod slot_lock;
 mod storage;
 mod sync;
+#[cfg(all(feature = "tar", not(loom)))]
+pub mod tar;
 mod update;
 
 pub use beam_retrieval::{BeamParams, ScoredHit};
