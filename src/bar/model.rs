@@ -53,8 +53,9 @@ use super::linalg::{self, dot, fill_rows, gemm_acc, relu_in_place, sigmoid};
 /// intermediate activations stay in the L1/L2 cache.
 pub const BLOCK: usize = 64;
 
-/// The ad token embedding tables, in token order.
-const AD_TABLES: [&str; 8] = [
+/// The ad token embedding tables, in token order (also the CUDA scorer's
+/// upload order).
+pub(crate) const AD_TABLES: [&str; 8] = [
     "emb.item",
     "emb.cate",
     "emb.brand",

@@ -50,7 +50,7 @@ use super::context::GpuDevice;
 use super::error::CudaError;
 use super::memory::{DevBuf, Mat};
 use super::ops::{Act, BarLastLayers, Exec, MatmulBackend, TokenTables};
-use crate::bar::model::{BarModel, Heads};
+use crate::bar::model::{BarModel, Heads, AD_TABLES};
 use crate::bar::{AdTokens, UserFeatures};
 use crate::beam_retrieval::ScoredHit;
 use crate::scorer::{CandidateBatch, Scorer};
@@ -58,18 +58,6 @@ use crate::scorer::{CandidateBatch, Scorer};
 /// Identifies a scorer instance, so a [`GpuUserState`] or [`GpuAdTable`]
 /// is never used with another one (other weights, maybe another device).
 static NEXT_SCORER_ID: AtomicU64 = AtomicU64::new(1);
-
-/// The ad token tables in token order (as in the model's tensor list).
-const AD_TABLES: [&str; 8] = [
-    "emb.item",
-    "emb.cate",
-    "emb.brand",
-    "emb.bid_type",
-    "emb.bid_constraint",
-    "emb.budget_left",
-    "emb.time_left",
-    "emb.default_bid",
-];
 
 /// Options of a [`GpuBarScorer`].
 #[derive(Debug, Clone, PartialEq)]
