@@ -83,6 +83,8 @@ mod insert;
 mod invariants;
 mod keymap;
 mod level;
+#[cfg(all(any(feature = "bar", feature = "tar"), not(loom)))]
+mod linalg;
 mod lock;
 #[cfg(loom)]
 #[doc(hidden)]

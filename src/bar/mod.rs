@@ -89,7 +89,6 @@ mod bar_scorer;
 pub mod config;
 mod error;
 pub mod features;
-mod linalg;
 pub mod market;
 pub mod metrics;
 pub mod model;

@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::config::BarConfig;
 use super::error::ModelError;
 use super::features::{token_vocab, AdFeatures, AdTokens, UserFeatures};
-use super::linalg::{self, dot, fill_rows, gemm_acc, relu_in_place, sigmoid};
+use crate::linalg::{self, dot, fill_rows, gemm_acc, relu_in_place, sigmoid};
 
 /// Candidates per block of the batched interaction: large enough for the
 /// matrix products to reach full speed, small enough that a block's

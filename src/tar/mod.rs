@@ -1,9 +1,19 @@
-//! TAR (trajectory-autoregressive auto-bidding, issue 7): the environment it
-//! is trained and evaluated in.
+//! TAR (trajectory-autoregressive auto-bidding, issue 7).
 //!
-//! Only the simulator exists so far ([`sim`]): an AuctionNet-like day of
-//! second-price auctions with budget- and CPA-constrained advertisers, the
-//! 16-feature step records that trajectory models train on, and the classic
-//! baselines (PID pacing, OnlineLP) that any learned bidder must beat.
+//! * [`sim`]: the environment: an AuctionNet-like day of second-price
+//!   auctions with budget- and CPA-constrained advertisers, the 16-feature
+//!   step records, and the classic baselines (PID pacing, OnlineLP).
+//! * [`data`]: trajectories of many advertiser-days under diverse behaviour
+//!   policies, the offline data the learned bidders train on.
+//! * [`model`]: the TAR model (multi-scale residual VQ-VAE and scale-level
+//!   causal transformer): CPU inference and the equations the trainer
+//!   implements.
+//! * [`dt`]: the Decision-Transformer baseline.
+//! * `train` (feature `train`): both trained with candle on CPU.
 
+pub mod data;
+pub mod dt;
+pub mod model;
 pub mod sim;
+#[cfg(feature = "train")]
+pub mod train;

@@ -1,0 +1,1 @@
+//! The Decision-Transformer baseline (placeholder: being written).

@@ -1,0 +1,1 @@
+//! Training the Decision-Transformer baseline (placeholder: being written).
