@@ -1,6 +1,7 @@
 //! The near-line updater: the last features sent for an ad are what the
 //! index holds after `flush`, whatever the interleaving, and searches with
 //! the BAR scorer run throughout.
+#![cfg(feature = "bar")]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

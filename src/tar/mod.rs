@@ -15,5 +15,8 @@ pub mod data;
 pub mod dt;
 pub mod model;
 pub mod sim;
+mod tar_policy;
 #[cfg(feature = "train")]
 pub mod train;
+
+pub use tar_policy::TarPolicy;

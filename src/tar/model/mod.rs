@@ -111,6 +111,12 @@
 
 mod config;
 mod error;
+mod generator;
+mod inference;
+mod nn;
+mod sample;
+mod weights;
 
 pub use config::{TarConfig, ACTION_SLOT, ATTRIBUTES, STEP_FEATURES};
 pub use error::TarError;
+pub use inference::{GenerateOptions, Generated, Quantized, TarModel};

@@ -1,11 +1,14 @@
 //! Training the trajectory models with candle on CPU (feature `train`):
-//! the TAR model ([`tar`]) and the Decision-Transformer baseline ([`dt`]),
+//! the TAR model ([`train_tar`]) and the Decision-Transformer baseline ([`dt`]),
 //! on a [`Dataset`](super::data::Dataset) of simulated days. Each trainer
 //! holds one candle variable per tensor of the model's weights file (same
 //! names, same shapes) and exports the CPU model directly; its forward pass
 //! matches the CPU inference within 1e-4 (tested).
 
 pub mod dt;
+mod tar_train;
+
+pub use tar_train::{train_tar, CandleTar, Quantization, TarTrainConfig, TarTrainReport};
 
 use super::model::TarError;
 

@@ -1,0 +1,410 @@
+//! TAR against the baselines in the simulator (issue 7, section 5).
+//!
+//! Per preset (`sparse`, `delayed`): collect a log of simulated days under
+//! diverse behaviour policies, train TAR, its two ablations (`tar_k1`: one
+//! scale, no coarse-to-fine; `tar_no_vq`: interpolated latents regressed
+//! instead of quantised) and the Decision-Transformer baseline on it, then
+//! play test days (seeds from 1,000,000, never in the log; the agent
+//! advertiser varies with the day) with every policy at budget ratios 0.5,
+//! 0.75, 1.0, 1.25, 1.5. Every policy plays the same (day, advertiser)
+//! cells, so differences are paired.
+//!
+//! ```sh
+//! cargo run --release --features train --example tar_eval -- --json
+//! cargo run --release --features train --example tar_eval -- --quick --json   # CI smoke
+//! ```
+//!
+//! `--json` prints one object per line: `{"policy","preset","budget_ratio",
+//! "score","ci95"}` per policy, preset and ratio, then
+//! `{"policy","decision_ms_p50","decision_ms_p99","device"}` per policy.
+//! Training progress and the paired differences go to stderr.
+
+use std::error::Error;
+use std::sync::Arc;
+use std::time::Instant;
+
+use nann::tar::data::{DataConfig, Dataset};
+use nann::tar::dt::{day_return_quantile, DtConfig, DtModel, DtPolicy};
+use nann::tar::model::{GenerateOptions, TarConfig};
+use nann::tar::sim::{
+    mean_ci95, run_episode, OnlineLpPolicy, PidPolicy, Policy, Preset, SimConfig,
+};
+use nann::tar::train::dt::{train_dt, DtTrainConfig};
+use nann::tar::train::{train_tar, TarTrainConfig};
+use nann::tar::TarPolicy;
+
+const RATIOS: [f64; 5] = [0.5, 0.75, 1.0, 1.25, 1.5];
+const TEST_SEED: u64 = 1_000_000;
+
+struct Args {
+    json: bool,
+    presets: Vec<Preset>,
+    train_episodes: u64,
+    eval_days: u64,
+    vae_steps: usize,
+    gen_steps: usize,
+    dt_steps: usize,
+    target_quantile: f64,
+    top_p: f32,
+    samples: usize,
+    seed: u64,
+    threads: usize,
+    save: Option<String>,
+}
+
+fn parse() -> Result<Args, String> {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let quick = raw.iter().any(|a| a == "--quick");
+    let mut args = Args {
+        json: raw.iter().any(|a| a == "--json"),
+        presets: vec![Preset::Sparse, Preset::Delayed],
+        train_episodes: if quick { 60 } else { 600 },
+        eval_days: if quick { 4 } else { 60 },
+        vae_steps: if quick { 60 } else { 800 },
+        gen_steps: if quick { 60 } else { 1000 },
+        dt_steps: if quick { 60 } else { 1000 },
+        target_quantile: 0.9,
+        top_p: 0.9,
+        samples: 1,
+        seed: 1,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        save: None,
+    };
+    let mut i = 0;
+    while i < raw.len() {
+        let flag = raw[i].as_str();
+        let mut value = || {
+            i += 1;
+            raw.get(i)
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag {
+            "--json" | "--quick" => {}
+            "--presets" => {
+                args.presets = value()?
+                    .split(',')
+                    .map(|p| match p {
+                        "sparse" => Ok(Preset::Sparse),
+                        "delayed" => Ok(Preset::Delayed),
+                        other => Err(format!("unknown preset `{other}`")),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            "--train-episodes" => args.train_episodes = num(&value()?)?,
+            "--eval-days" => args.eval_days = num(&value()?)?,
+            "--vae-steps" => args.vae_steps = num(&value()?)?,
+            "--gen-steps" => args.gen_steps = num(&value()?)?,
+            "--dt-steps" => args.dt_steps = num(&value()?)?,
+            "--target-quantile" => args.target_quantile = num(&value()?)?,
+            "--top-p" => args.top_p = num(&value()?)?,
+            "--samples" => args.samples = num(&value()?)?,
+            "--seed" => args.seed = num(&value()?)?,
+            "--threads" => args.threads = num(&value()?)?,
+            "--save" => args.save = Some(value()?),
+            other => return Err(format!("unknown flag `{other}`")),
+        }
+        i += 1;
+    }
+    Ok(args)
+}
+
+fn num<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+    s.parse().map_err(|_| format!("`{s}` is not a number"))
+}
+
+/// Builds a fresh policy (one per worker thread).
+type Factory = Box<dyn Fn() -> Box<dyn Policy + Send> + Sync>;
+
+/// The agent advertiser of test cell `i`: cycles through all 48, a
+/// different category each day.
+fn agent_of(i: u64) -> usize {
+    ((i * 7) % 48) as usize
+}
+
+/// Scores of `make`'s policy on cells `0..days` at `ratio`, in cell order.
+fn play(
+    sim: &SimConfig,
+    make: &Factory,
+    ratio: f64,
+    days: u64,
+    threads: usize,
+) -> Result<Vec<f64>, String> {
+    let cells: Vec<u64> = (0..days).collect();
+    let chunk = cells.len().div_ceil(threads.max(1)).max(1);
+    let parts: Vec<Result<Vec<f64>, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = cells
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    let mut policy = make();
+                    let mut out = Vec::with_capacity(part.len());
+                    for &i in part {
+                        let config = sim.clone().with_agent(agent_of(i)).with_budget_ratio(ratio);
+                        let log = run_episode(&config, TEST_SEED + i, policy.as_mut())
+                            .map_err(|e| e.to_string())?;
+                        out.push(log.agent_outcome().score);
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("worker panicked".into())))
+            .collect()
+    });
+    let mut scores = Vec::new();
+    for p in parts {
+        scores.extend(p?);
+    }
+    Ok(scores)
+}
+
+/// Times every decision of `policy` over `days` test days at ratio 0.75.
+struct Timed {
+    inner: Box<dyn Policy + Send>,
+    times: Vec<f64>,
+}
+
+impl Policy for Timed {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn begin_day(&mut self, day: &nann::tar::sim::DayContext<'_>) {
+        self.inner.begin_day(day);
+    }
+    fn act(&mut self, obs: &nann::tar::sim::Observation<'_>) -> f64 {
+        let start = Instant::now();
+        let a = self.inner.act(obs);
+        self.times.push(start.elapsed().as_secs_f64() * 1e3);
+        a
+    }
+}
+
+fn latency(sim: &SimConfig, make: &Factory, days: u64) -> Result<(f64, f64), String> {
+    let mut timed = Timed {
+        inner: make(),
+        times: Vec::new(),
+    };
+    for i in 0..days {
+        let config = sim.clone().with_agent(agent_of(i)).with_budget_ratio(0.75);
+        run_episode(&config, TEST_SEED + i, &mut timed).map_err(|e| e.to_string())?;
+    }
+    let mut t = timed.times;
+    t.sort_by(f64::total_cmp);
+    let q = |p: f64| t[((t.len() - 1) as f64 * p).round() as usize];
+    Ok((q(0.5), q(0.99)))
+}
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let args = parse()?;
+    // candle's matrix products spin up a thread pool per call; on a small
+    // machine, several single-threaded trainings side by side are faster.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+    let started = Instant::now();
+    let mut latencies: Vec<(String, f64, f64)> = Vec::new();
+    if !args.json {
+        println!(
+            "{} test days per cell (seeds {TEST_SEED}+, agent varies), trained on {} days",
+            args.eval_days, args.train_episodes
+        );
+        println!(
+            "{:<10} {:<8} {:>5}  {:>15}",
+            "policy", "preset", "ratio", "score ± ci95"
+        );
+    }
+    for &preset in &args.presets {
+        // 48 ticks for both presets: the delayed preset's conversions arrive
+        // Exp(2 h) = 4 ticks late on average.
+        let sim = SimConfig::preset(preset).with_ticks(48);
+        let pvs_per_tick = sim.pvs_per_day as f64 / sim.ticks as f64;
+        let t0 = Instant::now();
+        let data = Dataset::collect(
+            &sim,
+            &DataConfig {
+                episodes: args.train_episodes,
+                first_seed: 0,
+                threads: args.threads,
+                ..DataConfig::default()
+            },
+        )?;
+        eprintln!(
+            "[{}] {} trajectories from {} days in {:.1} s",
+            preset.name(),
+            data.trajectories.len(),
+            args.train_episodes,
+            t0.elapsed().as_secs_f64()
+        );
+        let target = data.attribute_quantile(0, args.target_quantile);
+        let train = TarTrainConfig {
+            vae_steps: args.vae_steps,
+            gen_steps: args.gen_steps,
+            seed: args.seed,
+            ..TarTrainConfig::default()
+        };
+        let variants = [
+            ("tar", TarConfig::default()),
+            (
+                "tar_k1",
+                TarConfig {
+                    scales: vec![48],
+                    ..TarConfig::default()
+                },
+            ),
+            (
+                "tar_no_vq",
+                TarConfig {
+                    quantize: false,
+                    ..TarConfig::default()
+                },
+            ),
+        ];
+        let mut factories: Vec<(String, Factory)> = vec![
+            (
+                "pid".into(),
+                Box::new(|| Box::new(PidPolicy::default()) as Box<dyn Policy + Send>),
+            ),
+            (
+                "onlinelp".into(),
+                Box::new(|| Box::new(OnlineLpPolicy::default()) as Box<dyn Policy + Send>),
+            ),
+        ];
+        // Train DT and the three TAR variants side by side, one thread each
+        // (candle itself runs single-threaded: RAYON_NUM_THREADS=1 below).
+        let dt_cfg = DtConfig::default();
+        let dt_train = DtTrainConfig {
+            steps: args.dt_steps,
+            seed: args.seed,
+            ..DtTrainConfig::default()
+        };
+        let t1 = Instant::now();
+        let (dt, tars) = std::thread::scope(|s| {
+            let data = &data;
+            let dt = s.spawn(|| train_dt(data, &dt_cfg, &dt_train));
+            let tars: Vec<_> = variants
+                .iter()
+                .map(|(_, config)| {
+                    let train = &train;
+                    s.spawn(move || train_tar(data, config, train))
+                })
+                .collect();
+            let dt = dt.join().map_err(|_| "DT training panicked".to_string());
+            let tars: Vec<_> = tars
+                .into_iter()
+                .map(|h| h.join().map_err(|_| "TAR training panicked".to_string()))
+                .collect();
+            (dt, tars)
+        });
+        eprintln!(
+            "[{}] trained DT and {} TAR variants in {:.1} s",
+            preset.name(),
+            variants.len(),
+            t1.elapsed().as_secs_f64()
+        );
+        let dt: Arc<DtModel> = Arc::new(dt??);
+        let dt_target = day_return_quantile(&data, args.target_quantile);
+        factories.push((
+            "dt".into(),
+            Box::new(move || {
+                Box::new(DtPolicy::new(dt.clone(), dt_target, pvs_per_tick))
+                    as Box<dyn Policy + Send>
+            }),
+        ));
+        for ((name, _), trained) in variants.iter().zip(tars) {
+            let name: &'static str = name;
+            let (model, report) = trained??;
+            eprintln!(
+                "[{}] {name}: recon {:.4} -> {:.4}, codebook usage {:.2}, generator loss {:.3} -> {:.3}, {:.1} s",
+                preset.name(),
+                report.recon_first,
+                report.recon_last,
+                report.codebook_usage,
+                report.gen_first,
+                report.gen_last,
+                report.seconds
+            );
+            if let Some(dir) = &args.save {
+                std::fs::create_dir_all(dir)?;
+                model.save(format!("{dir}/{name}-{}.safetensors", preset.name()))?;
+            }
+            let model = Arc::new(model);
+            let options = GenerateOptions {
+                top_p: args.top_p,
+                ..GenerateOptions::default()
+            };
+            let (samples, seed) = (args.samples, args.seed);
+            factories.push((
+                name.into(),
+                Box::new(move || {
+                    Box::new(
+                        TarPolicy::new(model.clone(), target, pvs_per_tick)
+                            .with_name(name)
+                            .with_options(options)
+                            .with_samples(samples)
+                            .with_seed(seed),
+                    ) as Box<dyn Policy + Send>
+                }),
+            ));
+        }
+        for &ratio in &RATIOS {
+            let mut all: Vec<(String, Vec<f64>)> = Vec::new();
+            for (name, make) in &factories {
+                let scores = play(&sim, make, ratio, args.eval_days, args.threads)?;
+                let (mean, ci) = mean_ci95(&scores);
+                if args.json {
+                    println!(
+                        "{{\"policy\":\"{name}\",\"preset\":\"{}\",\"budget_ratio\":{ratio},\"score\":{mean:.4},\"ci95\":{ci:.4}}}",
+                        preset.name()
+                    );
+                } else {
+                    println!(
+                        "{:<10} {:<8} {:>5.2}  {:>7.2} ± {:<6.2}",
+                        name,
+                        preset.name(),
+                        ratio,
+                        mean,
+                        ci
+                    );
+                }
+                all.push((name.clone(), scores));
+            }
+            // Paired comparison of TAR with the best baseline.
+            let mean_of = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+            let best = all
+                .iter()
+                .filter(|(n, _)| ["pid", "onlinelp", "dt"].contains(&n.as_str()))
+                .max_by(|a, b| mean_of(&a.1).total_cmp(&mean_of(&b.1)));
+            let tar = all.iter().find(|(n, _)| n == "tar");
+            if let (Some((best_name, best)), Some((_, tar))) = (best, tar) {
+                let diff: Vec<f64> = tar.iter().zip(best).map(|(a, b)| a - b).collect();
+                let (d, ci) = mean_ci95(&diff);
+                eprintln!(
+                    "[{}] ratio {ratio}: tar - {best_name} = {d:+.2} ± {ci:.2} ({:+.1}% of {:.2})",
+                    preset.name(),
+                    100.0 * d / mean_of(best).max(1e-9),
+                    mean_of(best)
+                );
+            }
+        }
+        if preset == args.presets[0] {
+            for (name, make) in &factories {
+                let (p50, p99) = latency(&sim, make, 4.min(args.eval_days.max(1)))?;
+                latencies.push((name.clone(), p50, p99));
+            }
+        }
+    }
+    for (name, p50, p99) in &latencies {
+        if args.json {
+            println!(
+                "{{\"policy\":\"{name}\",\"decision_ms_p50\":{p50:.4},\"decision_ms_p99\":{p99:.4},\"device\":\"cpu\"}}"
+            );
+        } else {
+            println!("{name:<10} decision p50 {p50:.3} ms, p99 {p99:.3} ms (cpu, 1 thread)");
+        }
+    }
+    eprintln!("wall time {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! TAR as a bidder: at every tick, generate the day's augmented trajectory
+//! conditioned on the attributes asked for and on the steps observed so
+//! far, and read the next action from it.
+//!
+//! ```text
+//!  tick t: Observation ─► x_t = [features(s_t) ; a_{t-1}/CPA] ─► history x_0..x_t
+//!          attributes [target efficiency, ln(budget/CPA), CPA/100] ─► condition y
+//!          TarModel::generate(y, history) ─► x_hat (T x F) ─► a_t = x_hat[t+1][ACTION_SLOT]
+//!          alpha_t = a_t x CPA  (median over `samples` draws, clamped to [0, 10 CPA])
+//! ```
+//!
+//! Because `x_{t+1}` carries `a_t` (state-action fusion), the action is part
+//! of the generated plan; the last tick of the day, which has no `x_T`,
+//! reuses the plan's last action.
+
+use std::sync::Arc;
+
+use super::data::{step_features, SplitMix};
+use super::model::{GenerateOptions, TarModel, ACTION_SLOT};
+use super::sim::{DayContext, Observation, Policy};
+
+/// Largest bid coefficient the policy returns, in CPA targets.
+const MAX_ACTION: f32 = 10.0;
+
+/// A [`Policy`] that bids with a [`TarModel`].
+#[derive(Debug, Clone)]
+pub struct TarPolicy {
+    name: String,
+    model: Arc<TarModel>,
+    target_efficiency: f32,
+    options: GenerateOptions,
+    samples: usize,
+    pvs_per_tick: f64,
+    seed: u64,
+    days: u64,
+    rng: SplitMix,
+    budget: f64,
+    cpa_target: f64,
+    history: Vec<f32>,
+    prev_action: f64,
+    errors: u64,
+}
+
+impl TarPolicy {
+    /// A bidder asking `model` for days of efficiency `target_efficiency`
+    /// (the first [data attribute](super::data::attributes): score x CPA /
+    /// budget; e.g. a high quantile of the training days'), in a simulator
+    /// with `pvs_per_tick` expected PVs per tick (PVs a day / ticks).
+    pub fn new(model: Arc<TarModel>, target_efficiency: f32, pvs_per_tick: f64) -> Self {
+        Self {
+            name: "tar".into(),
+            model,
+            target_efficiency,
+            options: GenerateOptions::default(),
+            samples: 1,
+            pvs_per_tick,
+            seed: 0,
+            days: 0,
+            rng: SplitMix::new(0),
+            budget: 0.0,
+            cpa_target: 0.0,
+            history: Vec::new(),
+            prev_action: 0.0,
+            errors: 0,
+        }
+    }
+
+    /// Sets the name shown in tables (e.g. `tar_k1`).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets the sampling options.
+    pub fn with_options(mut self, options: GenerateOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Draws `samples` trajectories per decision and bids the median of
+    /// their actions (at least 1).
+    pub fn with_samples(mut self, samples: usize) -> Self {
+        self.samples = samples.max(1);
+        self
+    }
+
+    /// Seeds the sampling; day `i` of the policy's life uses a stream of
+    /// `(seed, i)`.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Decisions that failed (an input the model rejected) and fell back
+    /// to bidding the CPA target; 0 in normal operation.
+    pub fn errors(&self) -> u64 {
+        self.errors
+    }
+
+    fn decide(&mut self, obs: &Observation<'_>) -> Result<f32, super::model::TarError> {
+        let config = self.model.config();
+        let (t_len, f) = (config.steps, config.step_features);
+        let rows = (self.history.len() / f).min(t_len);
+        let history = self.model.normalize_step(&self.history[..rows * f])?;
+        let attrs = [
+            self.target_efficiency,
+            (self.budget.max(1e-9) / self.cpa_target.max(1e-9)).ln() as f32,
+            (self.cpa_target / 100.0) as f32,
+        ];
+        let y = self.model.condition(Some(&attrs));
+        let row = (obs.tick + 1).min(t_len - 1);
+        let mut actions = Vec::with_capacity(self.samples);
+        for _ in 0..self.samples {
+            let g = self
+                .model
+                .generate(&y, &history, &self.options, &mut self.rng)?;
+            let step = self
+                .model
+                .denormalize_step(&g.x_hat[row * f..(row + 1) * f])?;
+            actions.push(step[ACTION_SLOT]);
+        }
+        actions.sort_by(f32::total_cmp);
+        Ok(actions[actions.len() / 2])
+    }
+}
+
+impl Policy for TarPolicy {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn begin_day(&mut self, day: &DayContext<'_>) {
+        self.rng = SplitMix::new(self.seed ^ self.days.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        self.days += 1;
+        self.budget = day.budget;
+        self.cpa_target = day.cpa_target;
+        self.history.clear();
+        self.prev_action = 0.0;
+    }
+
+    fn act(&mut self, obs: &Observation<'_>) -> f64 {
+        let x = step_features(
+            obs.state,
+            self.prev_action,
+            obs.cpa_target,
+            self.pvs_per_tick,
+        );
+        self.history.extend_from_slice(&x);
+        let ratio = match self.decide(obs) {
+            Ok(a) if a.is_finite() => a.clamp(0.0, MAX_ACTION),
+            _ => {
+                self.errors += 1;
+                1.0
+            }
+        };
+        let alpha = ratio as f64 * obs.cpa_target;
+        // The data's `a_{t-1}` is the executed coefficient: 0 once the
+        // budget is spent.
+        self.prev_action = if obs.remaining >= super::sim::MIN_BUDGET {
+            ratio as f64
+        } else {
+            0.0
+        };
+        alpha
+    }
+}
