@@ -12,6 +12,10 @@
 //! ```sh
 //! cargo run --release --features train --example tar_eval -- --json
 //! cargo run --release --features train --example tar_eval -- --quick --json   # CI smoke
+//! # keep the weights, then evaluate them again without training, on
+//! # validation days (seeds 2,000,000+) to choose --top-p / --target-quantile:
+//! cargo run --release --features train --example tar_eval -- --save target/tar-weights
+//! cargo run --release --features train --example tar_eval -- --load target/tar-weights --validation --top-p 0.3
 //! ```
 //!
 //! `--json` prints one object per line: `{"policy","preset","budget_ratio",
@@ -25,16 +29,18 @@ use std::time::Instant;
 
 use nann::tar::data::{DataConfig, Dataset};
 use nann::tar::dt::{day_return_quantile, DtConfig, DtModel, DtPolicy};
-use nann::tar::model::{GenerateOptions, TarConfig};
+use nann::tar::model::{GenerateOptions, TarConfig, TarModel};
 use nann::tar::sim::{
     mean_ci95, run_episode, OnlineLpPolicy, PidPolicy, Policy, Preset, SimConfig,
 };
 use nann::tar::train::dt::{train_dt, DtTrainConfig};
-use nann::tar::train::{train_tar, TarTrainConfig};
+use nann::tar::train::{train_tar, TarTrainConfig, TarTrainReport};
 use nann::tar::TarPolicy;
 
 const RATIOS: [f64; 5] = [0.5, 0.75, 1.0, 1.25, 1.5];
 const TEST_SEED: u64 = 1_000_000;
+/// Days for choosing sampling options and the target quantile (`--validation`).
+const VALIDATION_SEED: u64 = 2_000_000;
 
 struct Args {
     json: bool,
@@ -50,6 +56,10 @@ struct Args {
     seed: u64,
     threads: usize,
     save: Option<String>,
+    load: Option<String>,
+    eval_seed: u64,
+    ratios: Vec<f64>,
+    policies: Option<Vec<String>>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -69,6 +79,10 @@ fn parse() -> Result<Args, String> {
         seed: 1,
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         save: None,
+        load: None,
+        eval_seed: TEST_SEED,
+        ratios: RATIOS.to_vec(),
+        policies: None,
     };
     let mut i = 0;
     while i < raw.len() {
@@ -102,6 +116,10 @@ fn parse() -> Result<Args, String> {
             "--seed" => args.seed = num(&value()?)?,
             "--threads" => args.threads = num(&value()?)?,
             "--save" => args.save = Some(value()?),
+            "--load" => args.load = Some(value()?),
+            "--validation" => args.eval_seed = VALIDATION_SEED,
+            "--ratios" => args.ratios = value()?.split(',').map(num).collect::<Result<_, _>>()?,
+            "--policies" => args.policies = Some(value()?.split(',').map(String::from).collect()),
             other => return Err(format!("unknown flag `{other}`")),
         }
         i += 1;
@@ -112,6 +130,9 @@ fn parse() -> Result<Args, String> {
 fn num<T: std::str::FromStr>(s: &str) -> Result<T, String> {
     s.parse().map_err(|_| format!("`{s}` is not a number"))
 }
+
+/// A model trained on a thread (outer: the thread, inner: training) or loaded.
+type Joined<T> = Result<Result<T, String>, String>;
 
 /// Builds a fresh policy (one per worker thread).
 type Factory = Box<dyn Fn() -> Box<dyn Policy + Send> + Sync>;
@@ -127,7 +148,7 @@ fn play(
     sim: &SimConfig,
     make: &Factory,
     ratio: f64,
-    days: u64,
+    (first, days): (u64, u64),
     threads: usize,
 ) -> Result<Vec<f64>, String> {
     let cells: Vec<u64> = (0..days).collect();
@@ -141,7 +162,7 @@ fn play(
                     let mut out = Vec::with_capacity(part.len());
                     for &i in part {
                         let config = sim.clone().with_agent(agent_of(i)).with_budget_ratio(ratio);
-                        let log = run_episode(&config, TEST_SEED + i, policy.as_mut())
+                        let log = run_episode(&config, first + i, policy.as_mut())
                             .map_err(|e| e.to_string())?;
                         out.push(log.agent_outcome().score);
                     }
@@ -281,30 +302,59 @@ fn main() -> Result<(), Box<dyn Error>> {
             ..DtTrainConfig::default()
         };
         let t1 = Instant::now();
-        let (dt, tars) = std::thread::scope(|s| {
-            let data = &data;
-            let dt = s.spawn(|| train_dt(data, &dt_cfg, &dt_train));
-            let tars: Vec<_> = variants
+        let (dt, tars) = if let Some(dir) = &args.load {
+            let file = |name: &str| format!("{dir}/{name}-{}.safetensors", preset.name());
+            // Weights saved before DT was: train it again.
+            let dt: Joined<DtModel> = Ok(if std::path::Path::new(&file("dt")).exists() {
+                DtModel::load(file("dt")).map_err(|e| e.to_string())
+            } else {
+                train_dt(&data, &dt_cfg, &dt_train).map_err(|e| e.to_string())
+            });
+            let tars: Vec<Joined<(TarModel, TarTrainReport)>> = variants
                 .iter()
-                .map(|(_, config)| {
-                    let train = &train;
-                    s.spawn(move || train_tar(data, config, train))
+                .map(|(name, _)| {
+                    Ok(TarModel::load(file(name))
+                        .map(|m| (m, TarTrainReport::default()))
+                        .map_err(|e| e.to_string()))
                 })
                 .collect();
-            let dt = dt.join().map_err(|_| "DT training panicked".to_string());
-            let tars: Vec<_> = tars
-                .into_iter()
-                .map(|h| h.join().map_err(|_| "TAR training panicked".to_string()))
-                .collect();
             (dt, tars)
-        });
+        } else {
+            std::thread::scope(|s| {
+                let data = &data;
+                let dt = s.spawn(|| train_dt(data, &dt_cfg, &dt_train).map_err(|e| e.to_string()));
+                let tars: Vec<_> = variants
+                    .iter()
+                    .map(|(_, config)| {
+                        let train = &train;
+                        s.spawn(move || train_tar(data, config, train).map_err(|e| e.to_string()))
+                    })
+                    .collect();
+                let dt: Joined<DtModel> = dt.join().map_err(|_| "DT training panicked".to_string());
+                let tars: Vec<Joined<(TarModel, TarTrainReport)>> = tars
+                    .into_iter()
+                    .map(|h| h.join().map_err(|_| "TAR training panicked".to_string()))
+                    .collect();
+                (dt, tars)
+            })
+        };
         eprintln!(
-            "[{}] trained DT and {} TAR variants in {:.1} s",
+            "[{}] {} DT and {} TAR variants in {:.1} s",
             preset.name(),
+            if args.load.is_some() {
+                "loaded"
+            } else {
+                "trained"
+            },
             variants.len(),
             t1.elapsed().as_secs_f64()
         );
-        let dt: Arc<DtModel> = Arc::new(dt??);
+        let dt: DtModel = dt??;
+        if let Some(dir) = &args.save {
+            std::fs::create_dir_all(dir)?;
+            dt.save(format!("{dir}/dt-{}.safetensors", preset.name()))?;
+        }
+        let dt = Arc::new(dt);
         let dt_target = day_return_quantile(&data, args.target_quantile);
         factories.push((
             "dt".into(),
@@ -317,10 +367,11 @@ fn main() -> Result<(), Box<dyn Error>> {
             let name: &'static str = name;
             let (model, report) = trained??;
             eprintln!(
-                "[{}] {name}: recon {:.4} -> {:.4}, codebook usage {:.2}, generator loss {:.3} -> {:.3}, {:.1} s",
+                "[{}] {name}: recon {:.4} -> {:.4}, action MAE {:.3}, codebook usage {:.2}, generator loss {:.3} -> {:.3}, {:.1} s",
                 preset.name(),
                 report.recon_first,
                 report.recon_last,
+                report.action_mae,
                 report.codebook_usage,
                 report.gen_first,
                 report.gen_last,
@@ -349,10 +400,19 @@ fn main() -> Result<(), Box<dyn Error>> {
                 }),
             ));
         }
-        for &ratio in &RATIOS {
+        if let Some(keep) = &args.policies {
+            factories.retain(|(name, _)| keep.contains(name));
+        }
+        for &ratio in &args.ratios {
             let mut all: Vec<(String, Vec<f64>)> = Vec::new();
             for (name, make) in &factories {
-                let scores = play(&sim, make, ratio, args.eval_days, args.threads)?;
+                let scores = play(
+                    &sim,
+                    make,
+                    ratio,
+                    (args.eval_seed, args.eval_days),
+                    args.threads,
+                )?;
                 let (mean, ci) = mean_ci95(&scores);
                 if args.json {
                     println!(

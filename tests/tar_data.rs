@@ -56,10 +56,19 @@ fn trajectories_are_consistent_with_the_day_they_came_from() {
             tr.score
         );
         assert!(cost as f64 <= tr.budget * (1.0 + 1e-5));
-        assert_eq!(
-            tr.attributes,
-            attributes(tr.score, tr.budget, tr.cpa_target)
+        let expect = attributes(
+            tr.score,
+            tr.budget,
+            tr.cpa_target,
+            cost as f64,
+            conversions as f64,
         );
+        for (a, b) in tr.attributes.iter().zip(&expect) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        // Spend ratio and CPA ratio are what they say.
+        assert!((tr.attributes[1] as f64 - cost as f64 / tr.budget).abs() < 1e-4);
+        assert!(tr.attributes[2] <= 2.0);
     }
 }
 

@@ -427,6 +427,7 @@ fn teacher_forced_matches_the_full_block_causal_forward() {
                         rng.normal() as f32,
                         rng.normal() as f32,
                         rng.normal() as f32,
+                        rng.normal() as f32,
                     ];
                     model.condition(Some(&a))
                 };
@@ -576,7 +577,7 @@ fn quantize_without_vq_keeps_the_pooled_residual() {
 // (4, 5) Generation.
 
 fn inputs(model: &TarModel, n_hist: usize, rng: &mut SplitMix) -> (Vec<f32>, Vec<f32>) {
-    let y = model.condition(Some(&[0.7, -0.2, 1.3]));
+    let y = model.condition(Some(&[0.7, -0.2, 1.3, 0.4]));
     let history = normals(n_hist * STEP_FEATURES, rng, 1.0);
     (y, history)
 }
@@ -1092,7 +1093,7 @@ fn hostile_files_never_panic() {
     let mut tally = |r: Result<TarModel, TarError>| match r {
         Ok(m) => {
             // A file that loads must run.
-            let y = m.condition(Some(&[0.1, 0.2, 0.3]));
+            let y = m.condition(Some(&[0.1, 0.2, 0.3, 0.4]));
             let _ = m.generate(&y, &[], &GenerateOptions::default(), &mut SplitMix::new(1));
             ok += 1;
         }
@@ -1169,14 +1170,14 @@ fn inputs_are_validated() {
     bad[1][2] = 256;
     is_input(model.h_from_codes(&bad), "codes");
     // The generator's inputs.
-    let y = model.condition(Some(&[1.0, 2.0, 3.0]));
-    assert_eq!(y[3], 1.0);
-    assert_eq!(model.condition(None), vec![0.0; 4]);
+    let y = model.condition(Some(&[1.0, 2.0, 3.0, 4.0]));
+    assert_eq!(y[4], 1.0);
+    assert_eq!(model.condition(None), vec![0.0; 5]);
     let h = vec![0.0; cfg.tokens() * c];
     assert!(model.teacher_forced(&y, &[], &h).is_ok());
-    is_input(model.teacher_forced(&y[..3], &[], &h), "y");
+    is_input(model.teacher_forced(&y[..4], &[], &h), "y");
     is_input(
-        model.teacher_forced(&[f32::NAN, 0.0, 0.0, 1.0], &[], &h),
+        model.teacher_forced(&[f32::NAN, 0.0, 0.0, 0.0, 1.0], &[], &h),
         "y",
     );
     is_input(model.teacher_forced(&y, &[0.0; 18], &h), "history");

@@ -128,6 +128,7 @@ fn candle_forward_matches_the_cpu_model() {
                 rng.normal() as f32,
                 rng.normal() as f32,
                 rng.normal() as f32,
+                rng.normal() as f32,
             ];
             y.extend(model.condition(if s == 1 { None } else { Some(&attrs) }));
             let n = hist_len[s];

@@ -90,16 +90,38 @@ pub fn step_features(
 }
 
 /// The attributes a day is summarised by and a model is conditioned on:
-/// `[score x CPA / budget, ln(budget / CPA), CPA / 100]`. The first is the
-/// day's efficiency: conversions won per conversion the budget could buy
-/// at the target CPA, with AuctionNet's penalty; it is what a bidder asks
-/// for.
-pub fn attributes(score: f64, budget: f64, cpa_target: f64) -> [f32; ATTRIBUTES] {
+/// `[efficiency, spend ratio, CPA ratio, ln(budget / CPA)]`.
+///
+/// * efficiency = score x CPA target / budget: conversions won per
+///   conversion the budget could buy at the target, with AuctionNet's
+///   penalty: what a bidder wants;
+/// * spend ratio = cost / budget and CPA ratio = realised CPA / target
+///   (capped at 2; 2 for a day without conversions): the day's constraints,
+///   so a bidder can ask for "the whole budget at the target CPA" (DiffBid
+///   conditions on constraints the same way). Efficiency alone mixes the
+///   bidder's skill with the market's luck; the constraints say what the
+///   plan must do;
+/// * ln(budget / CPA): how many conversions the budget buys, i.e. how
+///   tightly the day must be rationed.
+pub fn attributes(
+    score: f64,
+    budget: f64,
+    cpa_target: f64,
+    cost: f64,
+    conversions: f64,
+) -> [f32; ATTRIBUTES] {
     let cpa = cpa_target.max(1e-9);
+    let budget = budget.max(1e-9);
+    let cpa_ratio = if conversions > 0.0 {
+        (cost / conversions / cpa).min(2.0)
+    } else {
+        2.0
+    };
     [
-        (score * cpa / budget.max(1e-9)) as f32,
-        (budget.max(1e-9) / cpa).ln() as f32,
-        (cpa / 100.0) as f32,
+        (score * cpa / budget) as f32,
+        (cost / budget) as f32,
+        cpa_ratio as f32,
+        (budget / cpa).ln() as f32,
     ]
 }
 
@@ -242,7 +264,13 @@ fn collect_days(
                 rewards,
                 costs,
                 score: outcome.score,
-                attributes: attributes(outcome.score, outcome.budget, outcome.cpa_target),
+                attributes: attributes(
+                    outcome.score,
+                    outcome.budget,
+                    outcome.cpa_target,
+                    outcome.cost,
+                    outcome.conversions as f64,
+                ),
             });
         }
     }

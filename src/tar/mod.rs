@@ -8,8 +8,14 @@
 //! * [`model`]: the TAR model (multi-scale residual VQ-VAE and scale-level
 //!   causal transformer): CPU inference and the equations the trainer
 //!   implements.
-//! * [`dt`]: the Decision-Transformer baseline.
+//! * [`TarPolicy`]: TAR as a bidder in the simulator (re-plans every tick
+//!   from the observed prefix and reads its action from the plan).
+//! * [`dt`]: the Decision-Transformer baseline and its bidder.
 //! * `train` (feature `train`): both trained with candle on CPU.
+//!
+//! `cargo run --release --features train --example tar_eval -- --json`
+//! trains everything on a simulated log and plays test days against PID and
+//! OnlineLP; see `BENCHMARKS.md` for where TAR stands.
 
 pub mod data;
 pub mod dt;

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  tick t: Observation ─► x_t = [features(s_t) ; a_{t-1}/CPA] ─► history x_0..x_t
-//!          attributes [target efficiency, ln(budget/CPA), CPA/100] ─► condition y
+//!          attributes [target efficiency, spend, CPA ratio, ln(budget/CPA)] ─► condition y
 //!          TarModel::generate(y, history) ─► x_hat (T x F) ─► a_t = x_hat[t+1][ACTION_SLOT]
 //!          alpha_t = a_t x CPA  (median over `samples` draws, clamped to [0, 10 CPA])
 //! ```
@@ -28,6 +28,8 @@ pub struct TarPolicy {
     name: String,
     model: Arc<TarModel>,
     target_efficiency: f32,
+    target_spend: f32,
+    target_cpa_ratio: f32,
     options: GenerateOptions,
     samples: usize,
     pvs_per_tick: f64,
@@ -44,13 +46,17 @@ pub struct TarPolicy {
 impl TarPolicy {
     /// A bidder asking `model` for days of efficiency `target_efficiency`
     /// (the first [data attribute](super::data::attributes): score x CPA /
-    /// budget; e.g. a high quantile of the training days'), in a simulator
-    /// with `pvs_per_tick` expected PVs per tick (PVs a day / ticks).
+    /// budget; e.g. a high quantile of the training days') that spend 95%
+    /// of the budget at 95% of the CPA target (see
+    /// [`with_constraints`](Self::with_constraints)), in a simulator with
+    /// `pvs_per_tick` expected PVs per tick (PVs a day / ticks).
     pub fn new(model: Arc<TarModel>, target_efficiency: f32, pvs_per_tick: f64) -> Self {
         Self {
             name: "tar".into(),
             model,
             target_efficiency,
+            target_spend: 0.95,
+            target_cpa_ratio: 0.95,
             options: GenerateOptions::default(),
             samples: 1,
             pvs_per_tick,
@@ -68,6 +74,14 @@ impl TarPolicy {
     /// Sets the name shown in tables (e.g. `tar_k1`).
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
+        self
+    }
+
+    /// Sets the constraint attributes asked for: the share of the budget to
+    /// spend and the realised CPA as a share of the target.
+    pub fn with_constraints(mut self, spend: f32, cpa_ratio: f32) -> Self {
+        self.target_spend = spend;
+        self.target_cpa_ratio = cpa_ratio;
         self
     }
 
@@ -104,8 +118,9 @@ impl TarPolicy {
         let history = self.model.normalize_step(&self.history[..rows * f])?;
         let attrs = [
             self.target_efficiency,
+            self.target_spend,
+            self.target_cpa_ratio,
             (self.budget.max(1e-9) / self.cpa_target.max(1e-9)).ln() as f32,
-            (self.cpa_target / 100.0) as f32,
         ];
         let y = self.model.condition(Some(&attrs));
         let row = (obs.tick + 1).min(t_len - 1);

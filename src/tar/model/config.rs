@@ -18,7 +18,7 @@ pub const ACTION_SLOT: usize = 16;
 
 /// Trajectory attributes the generator is conditioned on, before the
 /// "present" flag: see [`TarConfig::attr_dim`].
-pub const ATTRIBUTES: usize = 3;
+pub const ATTRIBUTES: usize = 4;
 
 /// Dimensions of a TAR model.
 ///

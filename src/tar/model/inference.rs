@@ -74,7 +74,7 @@ pub struct Generated {
 ///
 /// let model = TarModel::random(TarConfig::default(), 7)?;
 /// // Condition on (target score, budget, CPA target) and the 5 steps seen.
-/// let y = model.condition(Some(&[0.8, 1.0, 0.5]));
+/// let y = model.condition(Some(&[0.8, 0.95, 0.9, 3.5]));
 /// let seen = vec![0.1; 5 * STEP_FEATURES];
 /// let history = model.normalize_step(&seen)?;
 /// let mut rng = SplitMix::new(1);
