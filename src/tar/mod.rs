@@ -24,5 +24,6 @@ pub mod sim;
 mod tar_policy;
 #[cfg(feature = "train")]
 pub mod train;
+mod weights_file;
 
 pub use tar_policy::TarPolicy;

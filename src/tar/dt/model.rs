@@ -3,14 +3,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::config::DtConfig;
 use crate::linalg;
 use crate::tar::data::SplitMix;
 use crate::tar::model::TarError;
+use crate::tar::weights_file::{self, TensorFile};
 
 /// LayerNorm epsilon (PyTorch's default), shared with the trainer.
 pub(crate) const LN_EPS: f32 = 1e-5;
@@ -231,82 +230,24 @@ impl DtModel {
     /// ([`TarError::DType`]). Bytes that are not a well-formed safetensors
     /// file give [`TarError::Format`]. Never panics, whatever the bytes.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, TarError> {
-        let (header_len, metadata) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| TarError::Format(e.to_string()))?;
-        let empty = HashMap::new();
-        let entries = metadata.metadata().as_ref().unwrap_or(&empty);
-        let config = DtConfig::from_metadata(entries)?;
+        let file = TensorFile::parse(bytes)?;
+        let config = DtConfig::from_metadata(file.metadata())?;
         let specs = config.tensor_shapes();
-        let body = header_len
-            .checked_add(8)
-            .and_then(|start| bytes.get(start..))
-            .ok_or_else(|| TarError::Format("the header runs past the end".into()))?;
-        let mut data = Vec::with_capacity(specs.len());
-        for (name, expected) in &specs {
-            let info = metadata
-                .info(name)
-                .ok_or_else(|| TarError::MissingTensor { name: name.clone() })?;
-            if info.dtype != safetensors::Dtype::F32 {
-                return Err(TarError::DType {
-                    name: name.clone(),
-                    dtype: format!("{:?}", info.dtype),
-                });
-            }
-            if &info.shape != expected {
-                return Err(TarError::Shape {
-                    name: name.clone(),
-                    expected: expected.clone(),
-                    found: info.shape.clone(),
-                });
-            }
-            let (start, end) = info.data_offsets;
-            let raw = body.get(start..end).ok_or_else(|| {
-                TarError::Format(format!("tensor `{name}`'s data lies outside the file"))
-            })?;
-            let len: usize = expected.iter().product();
-            if Some(raw.len()) != len.checked_mul(4) {
-                return Err(TarError::Shape {
-                    name: name.clone(),
-                    expected: expected.clone(),
-                    found: vec![raw.len() / 4],
-                });
-            }
-            // Little-endian, possibly unaligned: decode element by element.
-            data.push(
-                raw.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            );
-        }
-        Self::assemble(config, data)
+        let raw = file.read(&specs)?;
+        Self::assemble(config, raw)
     }
 
     /// Reads a weights file written by [`save`](Self::save) (or by the
     /// trainer); see [`from_safetensors`](Self::from_safetensors).
     pub fn load(path: impl AsRef<Path>) -> Result<Self, TarError> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| io_error(path, &e))?;
-        Self::from_safetensors(&bytes)
+        Self::from_safetensors(&weights_file::read_file(path.as_ref())?)
     }
 
     /// The model as a safetensors file: every tensor of
     /// [`tensors`](Self::tensors) (F32, little-endian) and the
     /// configuration as metadata ([`DtConfig::to_metadata`]).
     pub fn to_safetensors(&self) -> Result<Vec<u8>, TarError> {
-        let tensors = self.tensors();
-        let bytes: Vec<Vec<u8>> = tensors
-            .iter()
-            .map(|(_, _, data)| data.iter().flat_map(|v| v.to_le_bytes()).collect())
-            .collect();
-        let mut views = Vec::with_capacity(tensors.len());
-        for ((name, shape, _), raw) in tensors.iter().zip(&bytes) {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), raw)
-                    .map_err(|e| TarError::Format(e.to_string()))?;
-            views.push((name.clone(), view));
-        }
-        safetensors::serialize(views, Some(self.config.to_metadata()))
-            .map_err(|e| TarError::Format(e.to_string()))
+        weights_file::to_bytes(&self.tensors(), self.config.to_metadata())
     }
 
     /// Writes [`to_safetensors`](Self::to_safetensors) to `path`
@@ -314,42 +255,7 @@ impl DtModel {
     /// disk, then renamed over `path`, so a reader (or a crash) sees the old
     /// file or the new one, never a torn one.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), TarError> {
-        static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-        let path = path.as_ref();
-        let bytes = self.to_safetensors()?;
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| TarError::Io {
-                path: path.display().to_string(),
-                message: "not a file path".into(),
-            })?
-            .to_string_lossy();
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let temp = dir.join(format!(
-            ".{file_name}.tmp-{}-{}",
-            std::process::id(),
-            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::File::create(&temp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            drop(file);
-            std::fs::rename(&temp, path)?;
-            // Make the rename itself durable (best effort).
-            #[cfg(unix)]
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-            Ok(())
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&temp);
-            io_error(path, &e)
-        })
+        weights_file::save_atomic(path.as_ref(), &self.to_safetensors()?)
     }
 
     /// The configuration.
@@ -717,12 +623,5 @@ impl DtModel {
             tensors,
             net,
         })
-    }
-}
-
-fn io_error(path: &Path, e: &std::io::Error) -> TarError {
-    TarError::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
     }
 }
