@@ -39,7 +39,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -588,43 +587,14 @@ impl BarModel {
     /// disk, then renamed over `path`, so a reader (or a crash) sees the
     /// old file or the new one, never a torn one.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), ModelError> {
-        static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
         let path = path.as_ref();
         let bytes = self.to_safetensors()?;
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| ModelError::Io {
+        crate::persist::io::write_atomically(&crate::persist::FsStorage, path, &[&bytes]).map_err(
+            |e| ModelError::Io {
                 path: path.display().to_string(),
-                message: "not a file path".into(),
-            })?
-            .to_string_lossy();
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let temp = dir.join(format!(
-            ".{file_name}.tmp-{}-{}",
-            std::process::id(),
-            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::File::create(&temp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            drop(file);
-            std::fs::rename(&temp, path)?;
-            // Make the rename itself durable (best effort: not every
-            // platform can open a directory).
-            #[cfg(unix)]
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-            Ok(())
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&temp);
-            io_error(path, &e)
-        })
+                message: e.to_string(),
+            },
+        )
     }
 
     /// The configuration.

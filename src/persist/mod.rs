@@ -125,7 +125,7 @@
 //! modified under it, and a failed save leaves the previous file intact.
 
 mod format;
-mod io;
+pub(crate) mod io;
 pub(crate) mod log;
 mod sim;
 mod storage;

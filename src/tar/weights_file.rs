@@ -4,9 +4,7 @@
 //! atomically. One implementation for both models.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::model::TarError;
 
@@ -119,44 +117,14 @@ pub(crate) fn to_bytes(
     safetensors::serialize(views, Some(metadata)).map_err(|e| TarError::Format(e.to_string()))
 }
 
-/// Writes `bytes` to `path` atomically: into a temporary file in the same
-/// directory, flushed to disk, then renamed over `path`, so a reader (or a
-/// crash) sees the old file or the new one, never a torn one.
+/// Writes `bytes` to `path` atomically with the index's own atomic write
+/// (temporary file, fsync, rename, fsync of the directory), so a reader (or
+/// a crash) sees the old file or the new one, never a torn one.
 pub(crate) fn save_atomic(path: &Path, bytes: &[u8]) -> Result<(), TarError> {
-    // Only uniqueness matters (no other memory is published through it).
-    static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| TarError::Io {
+    crate::persist::io::write_atomically(&crate::persist::FsStorage, path, &[bytes]).map_err(|e| {
+        TarError::Io {
             path: path.display().to_string(),
-            message: "not a file path".into(),
-        })?
-        .to_string_lossy();
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let temp = dir.join(format!(
-        ".{file_name}.tmp-{}-{}",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&temp, path)?;
-        // Make the rename itself durable (best effort: not every platform
-        // can open a directory).
-        #[cfg(unix)]
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
+            message: e.to_string(),
         }
-        Ok(())
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&temp);
-        io_error(path, &e)
     })
 }
