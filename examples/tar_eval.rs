@@ -18,6 +18,16 @@
 //! cargo run --release --features train --example tar_eval -- --load target/tar-weights --validation --top-p 0.3
 //! ```
 //!
+//! Every TAR variant reads its actions through an inverse-dynamics model
+//! trained on the same log (`nann::tar::inverse`; `--inverse off` bids the
+//! plan's own action slot instead) and caps them at `--max-action` (1.3)
+//! CPA targets. Other options: `--guidance G` (classifier-free guidance,
+//! default 1: none), `--spend S --cpa-ratio C` (the constraint attributes
+//! asked for, 0.95 each), `--samples N`, `--target-quantile Q`, `--top-p P`,
+//! `--ratios`, `--policies`, `--presets`, `--eval-days`, `--threads`,
+//! `--variants` (train or load only these of `dt,tar,tar_k1,tar_no_vq`).
+//! stderr also has each cell's mean spend / budget and CPA / target.
+//!
 //! `--json` prints one object per line: `{"policy","preset","budget_ratio",
 //! "score","ci95"}` per policy, preset and ratio, then
 //! `{"policy","decision_ms_p50","decision_ms_p99","device"}` per policy.
@@ -29,11 +39,13 @@ use std::time::Instant;
 
 use nann::tar::data::{DataConfig, Dataset};
 use nann::tar::dt::{day_return_quantile, DtConfig, DtModel, DtPolicy};
+use nann::tar::inverse::InverseDynamics;
 use nann::tar::model::{GenerateOptions, TarConfig, TarModel};
 use nann::tar::sim::{
     mean_ci95, run_episode, OnlineLpPolicy, PidPolicy, Policy, Preset, SimConfig,
 };
 use nann::tar::train::dt::{train_dt, DtTrainConfig};
+use nann::tar::train::inverse::{train_inverse_dynamics, InverseTrainConfig};
 use nann::tar::train::{train_tar, TarTrainConfig, TarTrainReport};
 use nann::tar::TarPolicy;
 
@@ -52,6 +64,11 @@ struct Args {
     dt_steps: usize,
     target_quantile: f64,
     top_p: f32,
+    guidance: f32,
+    inverse: bool,
+    max_action: f32,
+    spend: f32,
+    cpa_ratio: f32,
     samples: usize,
     seed: u64,
     threads: usize,
@@ -60,6 +77,7 @@ struct Args {
     eval_seed: u64,
     ratios: Vec<f64>,
     policies: Option<Vec<String>>,
+    variants: Option<Vec<String>>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -75,6 +93,11 @@ fn parse() -> Result<Args, String> {
         dt_steps: if quick { 60 } else { 1000 },
         target_quantile: 0.9,
         top_p: 0.9,
+        guidance: 1.0,
+        inverse: true,
+        max_action: 1.3,
+        spend: 0.95,
+        cpa_ratio: 0.95,
         samples: 1,
         seed: 1,
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -83,6 +106,7 @@ fn parse() -> Result<Args, String> {
         eval_seed: TEST_SEED,
         ratios: RATIOS.to_vec(),
         policies: None,
+        variants: None,
     };
     let mut i = 0;
     while i < raw.len() {
@@ -112,6 +136,17 @@ fn parse() -> Result<Args, String> {
             "--dt-steps" => args.dt_steps = num(&value()?)?,
             "--target-quantile" => args.target_quantile = num(&value()?)?,
             "--top-p" => args.top_p = num(&value()?)?,
+            "--guidance" => args.guidance = num(&value()?)?,
+            "--inverse" => {
+                args.inverse = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => return Err(format!("--inverse takes on or off, not {other}")),
+                }
+            }
+            "--spend" => args.spend = num(&value()?)?,
+            "--max-action" => args.max_action = num(&value()?)?,
+            "--cpa-ratio" => args.cpa_ratio = num(&value()?)?,
             "--samples" => args.samples = num(&value()?)?,
             "--seed" => args.seed = num(&value()?)?,
             "--threads" => args.threads = num(&value()?)?,
@@ -120,6 +155,7 @@ fn parse() -> Result<Args, String> {
             "--validation" => args.eval_seed = VALIDATION_SEED,
             "--ratios" => args.ratios = value()?.split(',').map(num).collect::<Result<_, _>>()?,
             "--policies" => args.policies = Some(value()?.split(',').map(String::from).collect()),
+            "--variants" => args.variants = Some(value()?.split(',').map(String::from).collect()),
             other => return Err(format!("unknown flag `{other}`")),
         }
         i += 1;
@@ -143,17 +179,25 @@ fn agent_of(i: u64) -> usize {
     ((i * 7) % 48) as usize
 }
 
-/// Scores of `make`'s policy on cells `0..days` at `ratio`, in cell order.
+/// One test cell's outcome: score, spend / budget, realised CPA / target.
+#[derive(Clone, Copy)]
+struct Cell {
+    score: f64,
+    spend: f64,
+    cpa: f64,
+}
+
+/// Outcomes of `make`'s policy on cells `0..days` at `ratio`, in cell order.
 fn play(
     sim: &SimConfig,
     make: &Factory,
     ratio: f64,
     (first, days): (u64, u64),
     threads: usize,
-) -> Result<Vec<f64>, String> {
+) -> Result<Vec<Cell>, String> {
     let cells: Vec<u64> = (0..days).collect();
     let chunk = cells.len().div_ceil(threads.max(1)).max(1);
-    let parts: Vec<Result<Vec<f64>, String>> = std::thread::scope(|s| {
+    let parts: Vec<Result<Vec<Cell>, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = cells
             .chunks(chunk)
             .map(|part| {
@@ -164,7 +208,12 @@ fn play(
                         let config = sim.clone().with_agent(agent_of(i)).with_budget_ratio(ratio);
                         let log = run_episode(&config, first + i, policy.as_mut())
                             .map_err(|e| e.to_string())?;
-                        out.push(log.agent_outcome().score);
+                        let o = log.agent_outcome();
+                        out.push(Cell {
+                            score: o.score,
+                            spend: o.cost / o.budget.max(1e-9),
+                            cpa: o.cost / o.conversions.max(1) as f64 / o.cpa_target.max(1e-9),
+                        });
                     }
                     Ok(out)
                 })
@@ -260,13 +309,51 @@ fn main() -> Result<(), Box<dyn Error>> {
             t0.elapsed().as_secs_f64()
         );
         let target = data.attribute_quantile(0, args.target_quantile);
+        // The inverse-dynamics model every TAR variant reads its actions
+        // through (seconds to train).
+        let inverse = if args.inverse {
+            let t = Instant::now();
+            let inv_file = args
+                .load
+                .as_ref()
+                .map(|dir| format!("{dir}/inverse-{}.safetensors", preset.name()))
+                .filter(|f| std::path::Path::new(f).exists());
+            let model = if let Some(f) = inv_file {
+                InverseDynamics::load(f)?
+            } else {
+                let (model, report) = train_inverse_dynamics(
+                    &data,
+                    &InverseTrainConfig {
+                        seed: args.seed,
+                        ..InverseTrainConfig::default()
+                    },
+                )?;
+                eprintln!(
+                    "[{}] inverse dynamics: {} samples, MSE {:.4} -> {:.4} (target variance {:.4}), {:.1} s",
+                    preset.name(),
+                    report.samples,
+                    report.mse_first,
+                    report.mse_last,
+                    report.target_variance,
+                    t.elapsed().as_secs_f64()
+                );
+                model
+            };
+            if let Some(dir) = &args.save {
+                std::fs::create_dir_all(dir)?;
+                model.save(format!("{dir}/inverse-{}.safetensors", preset.name()))?;
+            }
+            Some(Arc::new(model))
+        } else {
+            None
+        };
         let train = TarTrainConfig {
             vae_steps: args.vae_steps,
             gen_steps: args.gen_steps,
             seed: args.seed,
             ..TarTrainConfig::default()
         };
-        let variants = [
+        let mut variants = vec![
             ("tar", TarConfig::default()),
             (
                 "tar_k1",
@@ -283,6 +370,15 @@ fn main() -> Result<(), Box<dyn Error>> {
                 },
             ),
         ];
+        // `--variants` trains (or loads) only the models named, e.g. `tar`
+        // alone for a tuning run; `dt` names the DT baseline.
+        let wanted = |name: &str| {
+            args.variants
+                .as_ref()
+                .is_none_or(|v| v.iter().any(|n| n == name))
+        };
+        variants.retain(|(name, _)| wanted(name));
+        let want_dt = wanted("dt");
         let mut factories: Vec<(String, Factory)> = vec![
             (
                 "pid".into(),
@@ -305,10 +401,12 @@ fn main() -> Result<(), Box<dyn Error>> {
         let (dt, tars) = if let Some(dir) = &args.load {
             let file = |name: &str| format!("{dir}/{name}-{}.safetensors", preset.name());
             // Weights saved before DT was: train it again.
-            let dt: Joined<DtModel> = Ok(if std::path::Path::new(&file("dt")).exists() {
-                DtModel::load(file("dt")).map_err(|e| e.to_string())
-            } else {
-                train_dt(&data, &dt_cfg, &dt_train).map_err(|e| e.to_string())
+            let dt: Option<Joined<DtModel>> = want_dt.then(|| {
+                Ok(if std::path::Path::new(&file("dt")).exists() {
+                    DtModel::load(file("dt")).map_err(|e| e.to_string())
+                } else {
+                    train_dt(&data, &dt_cfg, &dt_train).map_err(|e| e.to_string())
+                })
             });
             let tars: Vec<Joined<(TarModel, TarTrainReport)>> = variants
                 .iter()
@@ -322,7 +420,9 @@ fn main() -> Result<(), Box<dyn Error>> {
         } else {
             std::thread::scope(|s| {
                 let data = &data;
-                let dt = s.spawn(|| train_dt(data, &dt_cfg, &dt_train).map_err(|e| e.to_string()));
+                let dt = want_dt.then(|| {
+                    s.spawn(|| train_dt(data, &dt_cfg, &dt_train).map_err(|e| e.to_string()))
+                });
                 let tars: Vec<_> = variants
                     .iter()
                     .map(|(_, config)| {
@@ -330,7 +430,8 @@ fn main() -> Result<(), Box<dyn Error>> {
                         s.spawn(move || train_tar(data, config, train).map_err(|e| e.to_string()))
                     })
                     .collect();
-                let dt: Joined<DtModel> = dt.join().map_err(|_| "DT training panicked".to_string());
+                let dt: Option<Joined<DtModel>> =
+                    dt.map(|h| h.join().map_err(|_| "DT training panicked".to_string()));
                 let tars: Vec<Joined<(TarModel, TarTrainReport)>> = tars
                     .into_iter()
                     .map(|h| h.join().map_err(|_| "TAR training panicked".to_string()))
@@ -349,20 +450,22 @@ fn main() -> Result<(), Box<dyn Error>> {
             variants.len(),
             t1.elapsed().as_secs_f64()
         );
-        let dt: DtModel = dt??;
-        if let Some(dir) = &args.save {
-            std::fs::create_dir_all(dir)?;
-            dt.save(format!("{dir}/dt-{}.safetensors", preset.name()))?;
+        if let Some(dt) = dt {
+            let dt: DtModel = dt??;
+            if let Some(dir) = &args.save {
+                std::fs::create_dir_all(dir)?;
+                dt.save(format!("{dir}/dt-{}.safetensors", preset.name()))?;
+            }
+            let dt = Arc::new(dt);
+            let dt_target = day_return_quantile(&data, args.target_quantile);
+            factories.push((
+                "dt".into(),
+                Box::new(move || {
+                    Box::new(DtPolicy::new(dt.clone(), dt_target, pvs_per_tick))
+                        as Box<dyn Policy + Send>
+                }),
+            ));
         }
-        let dt = Arc::new(dt);
-        let dt_target = day_return_quantile(&data, args.target_quantile);
-        factories.push((
-            "dt".into(),
-            Box::new(move || {
-                Box::new(DtPolicy::new(dt.clone(), dt_target, pvs_per_tick))
-                    as Box<dyn Policy + Send>
-            }),
-        ));
         for ((name, _), trained) in variants.iter().zip(tars) {
             let name: &'static str = name;
             let (model, report) = trained??;
@@ -384,19 +487,26 @@ fn main() -> Result<(), Box<dyn Error>> {
             let model = Arc::new(model);
             let options = GenerateOptions {
                 top_p: args.top_p,
+                guidance: args.guidance,
                 ..GenerateOptions::default()
             };
             let (samples, seed) = (args.samples, args.seed);
+            let (spend, cpa_ratio, max_action) = (args.spend, args.cpa_ratio, args.max_action);
+            let inverse = inverse.clone();
             factories.push((
                 name.into(),
                 Box::new(move || {
-                    Box::new(
-                        TarPolicy::new(model.clone(), target, pvs_per_tick)
-                            .with_name(name)
-                            .with_options(options)
-                            .with_samples(samples)
-                            .with_seed(seed),
-                    ) as Box<dyn Policy + Send>
+                    let mut policy = TarPolicy::new(model.clone(), target, pvs_per_tick)
+                        .with_name(name)
+                        .with_constraints(spend, cpa_ratio)
+                        .with_max_action(max_action)
+                        .with_options(options)
+                        .with_samples(samples)
+                        .with_seed(seed);
+                    if let Some(inverse) = &inverse {
+                        policy = policy.with_inverse_dynamics(inverse.clone());
+                    }
+                    Box::new(policy) as Box<dyn Policy + Send>
                 }),
             ));
         }
@@ -406,14 +516,22 @@ fn main() -> Result<(), Box<dyn Error>> {
         for &ratio in &args.ratios {
             let mut all: Vec<(String, Vec<f64>)> = Vec::new();
             for (name, make) in &factories {
-                let scores = play(
+                let cells = play(
                     &sim,
                     make,
                     ratio,
                     (args.eval_seed, args.eval_days),
                     args.threads,
                 )?;
+                let scores: Vec<f64> = cells.iter().map(|c| c.score).collect();
                 let (mean, ci) = mean_ci95(&scores);
+                let n = cells.len().max(1) as f64;
+                eprintln!(
+                    "[{}] {name} ratio {ratio}: score {mean:.2}, spend/budget {:.3}, CPA/target {:.3}",
+                    preset.name(),
+                    cells.iter().map(|c| c.spend).sum::<f64>() / n,
+                    cells.iter().map(|c| c.cpa).sum::<f64>() / n,
+                );
                 if args.json {
                     println!(
                         "{{\"policy\":\"{name}\",\"preset\":\"{}\",\"budget_ratio\":{ratio},\"score\":{mean:.4},\"ci95\":{ci:.4}}}",

@@ -655,6 +655,7 @@ fn greedy_generation_is_the_teacher_forced_argmax() {
             let opts = GenerateOptions {
                 top_p: 1e-7,
                 temperature: 0.7,
+                ..GenerateOptions::default()
             };
             let g = model
                 .generate(&y, &history, &opts, &mut SplitMix::new(n_hist as u64))
@@ -669,6 +670,70 @@ fn greedy_generation_is_the_teacher_forced_argmax() {
             let generated: Vec<u32> = g.codes.iter().flatten().copied().collect();
             assert_eq!(greedy, generated, "{label} n_hist {n_hist}");
         }
+    }
+}
+
+#[test]
+fn guided_greedy_generation_is_the_argmax_of_the_guided_logits() {
+    // Classifier-free guidance: each scale's codes are the argmax of
+    // u + g (c - u), c and u the teacher-forced logits of the same codes
+    // with and without the attributes (same history).
+    let mut rng = SplitMix::new(31);
+    for (label, cfg) in configs().into_iter().filter(|(_, c)| c.quantize) {
+        let model = TarModel::random(cfg.clone(), 6).unwrap();
+        let (y, history) = inputs(&model, 5.min(cfg.steps), &mut rng);
+        let unconditioned = model.condition(None);
+        for guidance in [0.0f32, 2.5] {
+            let opts = GenerateOptions {
+                top_p: 1e-7,
+                guidance,
+                ..GenerateOptions::default()
+            };
+            let g = model
+                .generate(&y, &history, &opts, &mut SplitMix::new(1))
+                .unwrap();
+            let c = model.teacher_forced(&y, &history, &g.h).unwrap();
+            let u = model
+                .teacher_forced(&unconditioned, &history, &g.h)
+                .unwrap();
+            let guided: Vec<f32> = c
+                .iter()
+                .zip(&u)
+                .map(|(c, u)| u + guidance * (c - u))
+                .collect();
+            let want: Vec<u32> = guided.chunks(cfg.codebook_size).map(argmax).collect();
+            let got: Vec<u32> = g.codes.iter().flatten().copied().collect();
+            assert_eq!(got, want, "{label} guidance {guidance}");
+        }
+        // Guidance 0 is the unconditional model.
+        let opts = GenerateOptions {
+            top_p: 1e-7,
+            guidance: 0.0,
+            ..GenerateOptions::default()
+        };
+        let plain = GenerateOptions {
+            top_p: 1e-7,
+            ..GenerateOptions::default()
+        };
+        let a = model
+            .generate(&y, &history, &opts, &mut SplitMix::new(1))
+            .unwrap();
+        let b = model
+            .generate(&unconditioned, &history, &plain, &mut SplitMix::new(1))
+            .unwrap();
+        assert_eq!(a.codes, b.codes, "{label}");
+    }
+    let model = TarModel::random(TarConfig::default(), 1).unwrap();
+    let (y, history) = inputs(&model, 0, &mut rng);
+    for bad in [-1.0, f32::NAN, f32::INFINITY] {
+        let opts = GenerateOptions {
+            guidance: bad,
+            ..GenerateOptions::default()
+        };
+        assert!(matches!(
+            model.generate(&y, &history, &opts, &mut SplitMix::new(1)),
+            Err(TarError::Input { .. })
+        ));
     }
 }
 
@@ -701,6 +766,7 @@ fn top_p_one_samples_every_code_in_proportion() {
     let opts = GenerateOptions {
         top_p: 1.0,
         temperature: temperature as f32,
+        ..GenerateOptions::default()
     };
     let mut counts = [0usize; 3];
     let draws = 20_000;
@@ -1190,7 +1256,16 @@ fn inputs_are_validated() {
     let mut rng = SplitMix::new(1);
     let gen = |y: &[f32], history: &[f32], top_p: f32, temperature: f32, rng: &mut SplitMix| {
         model
-            .generate(y, history, &GenerateOptions { top_p, temperature }, rng)
+            .generate(
+                y,
+                history,
+                &GenerateOptions {
+                    top_p,
+                    temperature,
+                    ..GenerateOptions::default()
+                },
+                rng,
+            )
             .map(|g| g.x_hat)
     };
     assert!(gen(&y, &vec![0.0; t * f], 1.0, 1.0, &mut rng).is_ok());

@@ -10,6 +10,8 @@
 //!   implements.
 //! * [`TarPolicy`]: TAR as a bidder in the simulator (re-plans every tick
 //!   from the observed prefix and reads its action from the plan).
+//! * [`inverse`]: the inverse-dynamics model that turns a plan's next
+//!   budget step into a bid coefficient.
 //! * [`dt`]: the Decision-Transformer baseline and its bidder.
 //! * `train` (feature `train`): both trained with candle on CPU.
 //!
@@ -19,6 +21,7 @@
 
 pub mod data;
 pub mod dt;
+pub mod inverse;
 pub mod model;
 pub mod sim;
 mod tar_policy;

@@ -23,14 +23,22 @@ pub struct GenerateOptions {
     pub top_p: f32,
     /// Softmax temperature, `> 0`.
     pub temperature: f32,
+    /// Classifier-free guidance scale `g >= 0` (VAR's): the head outputs
+    /// are `u + g (c - u)` with `c` conditioned on the attributes and `u`
+    /// on none (the model trained with condition dropout knows both), the
+    /// observed history the same in both. `1` is the plain conditional
+    /// model (one pass); larger values follow the attributes more closely
+    /// at the price of a second pass per scale.
+    pub guidance: f32,
 }
 
 impl Default for GenerateOptions {
-    /// `top_p` 0.9, `temperature` 1.
+    /// `top_p` 0.9, `temperature` 1, `guidance` 1 (none).
     fn default() -> Self {
         Self {
             top_p: 0.9,
             temperature: 1.0,
+            guidance: 1.0,
         }
     }
 }
@@ -515,16 +523,37 @@ impl TarModel {
         if !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
             return Err(input("top_p", format!("{} is not in (0, 1]", opts.top_p)));
         }
+        if !(opts.guidance >= 0.0 && opts.guidance.is_finite()) {
+            return Err(input(
+                "guidance",
+                format!("{} is not a finite number >= 0", opts.guidance),
+            ));
+        }
         self.check_condition(y, history)?;
         let cfg = &self.config;
         let c = cfg.code_dim;
         let v = cfg.head_outputs();
         let mut session = Session::new(&self.w, cfg, y, history);
+        // The unconditional twin for guidance: same history, no attributes.
+        let unconditioned = vec![0.0; y.len()];
+        let mut twin =
+            (opts.guidance != 1.0).then(|| Session::new(&self.w, cfg, &unconditioned, history));
+        let mut guided = Vec::new();
         let mut scratch = SampleScratch::default();
         let mut codes = Vec::with_capacity(cfg.scales.len());
         let mut h = Vec::with_capacity(cfg.tokens() * c);
         for k in 0..cfg.scales.len() {
-            let out = session.run_scale(k);
+            let mut out = session.run_scale(k);
+            if let Some(twin) = twin.as_mut() {
+                let g = opts.guidance;
+                guided.clear();
+                guided.extend(
+                    out.iter()
+                        .zip(twin.run_scale(k))
+                        .map(|(c, u)| u + g * (c - u)),
+                );
+                out = &guided;
+            }
             let start = h.len();
             if cfg.quantize {
                 let idx: Vec<u32> = out
@@ -541,6 +570,9 @@ impl TarModel {
                 codes.push(Vec::new());
             }
             session.accumulate(k, &h[start..]);
+            if let Some(twin) = twin.as_mut() {
+                twin.accumulate(k, &h[start..]);
+            }
         }
         let fhat = session.into_fhat();
         let x_hat = self.w.dec.forward(&fhat, cfg.steps, cfg.vae_heads);

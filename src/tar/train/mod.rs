@@ -6,6 +6,7 @@
 //! matches the CPU inference within 1e-4 (tested).
 
 pub mod dt;
+pub mod inverse;
 mod tar_train;
 
 pub use tar_train::{train_tar, CandleTar, Quantization, TarTrainConfig, TarTrainReport};
