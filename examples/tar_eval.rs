@@ -25,7 +25,9 @@
 //! default 1: none), `--spend S --cpa-ratio C` (the constraint attributes
 //! asked for, 0.95 each), `--samples N`, `--target-quantile Q`, `--top-p P`,
 //! `--ratios`, `--policies`, `--presets`, `--eval-days`, `--threads`,
-//! `--variants` (train or load only these of `dt,tar,tar_k1,tar_no_vq`).
+//! `--variants` (train or load only these of `dt,tar,tar_k1,tar_no_vq`),
+//! `--constant F1,F2` (diagnostic: also play `constant_F` policies bidding
+//! `F x CPA` all day).
 //! stderr also has each cell's mean spend / budget and CPA / target.
 //!
 //! `--json` prints one object per line: `{"policy","preset","budget_ratio",
@@ -42,7 +44,7 @@ use nann::tar::dt::{day_return_quantile, DtConfig, DtModel, DtPolicy};
 use nann::tar::inverse::InverseDynamics;
 use nann::tar::model::{GenerateOptions, TarConfig, TarModel};
 use nann::tar::sim::{
-    mean_ci95, run_episode, OnlineLpPolicy, PidPolicy, Policy, Preset, SimConfig,
+    mean_ci95, run_episode, ConstantPolicy, OnlineLpPolicy, PidPolicy, Policy, Preset, SimConfig,
 };
 use nann::tar::train::dt::{train_dt, DtTrainConfig};
 use nann::tar::train::inverse::{train_inverse_dynamics, InverseTrainConfig};
@@ -78,6 +80,7 @@ struct Args {
     ratios: Vec<f64>,
     policies: Option<Vec<String>>,
     variants: Option<Vec<String>>,
+    constant: Vec<f64>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -107,6 +110,7 @@ fn parse() -> Result<Args, String> {
         ratios: RATIOS.to_vec(),
         policies: None,
         variants: None,
+        constant: Vec::new(),
     };
     let mut i = 0;
     while i < raw.len() {
@@ -156,6 +160,9 @@ fn parse() -> Result<Args, String> {
             "--ratios" => args.ratios = value()?.split(',').map(num).collect::<Result<_, _>>()?,
             "--policies" => args.policies = Some(value()?.split(',').map(String::from).collect()),
             "--variants" => args.variants = Some(value()?.split(',').map(String::from).collect()),
+            "--constant" => {
+                args.constant = value()?.split(',').map(num).collect::<Result<_, _>>()?
+            }
             other => return Err(format!("unknown flag `{other}`")),
         }
         i += 1;
@@ -389,6 +396,15 @@ fn main() -> Result<(), Box<dyn Error>> {
                 Box::new(|| Box::new(OnlineLpPolicy::default()) as Box<dyn Policy + Send>),
             ),
         ];
+        // Diagnostic only (`--constant 1.0,1.3`): bid a fixed multiple of
+        // the CPA target all day, to see whether the budget or the CPA
+        // constraint binds at a ratio. Not part of the default output.
+        for &factor in &args.constant {
+            factories.push((
+                format!("constant_{factor}"),
+                Box::new(move || Box::new(ConstantPolicy { factor }) as Box<dyn Policy + Send>),
+            ));
+        }
         // Train DT and the three TAR variants side by side, one thread each
         // (candle itself runs single-threaded: RAYON_NUM_THREADS=1 below).
         let dt_cfg = DtConfig::default();
