@@ -1,9 +1,18 @@
-//! GPU benchmark of the BAR scorer (feature `cuda`): the issue's targets.
+//! GPU benchmark of the BAR scorer (feature `cuda`): the issue's targets;
+//! with `--tar`, the TAR model's decision latency instead.
 //!
 //! ```sh
 //! cargo run --release --features cuda --example gpu_bench -- [--ads 1000000] [--queries 200]
 //!     [--threads N] [--batches 256,1024,4096,16384,65536] [--quick] [--json]
+//! cargo run --release --features cuda --example gpu_bench -- --tar [--calls 300] [--quick]
 //! ```
+//!
+//! `--tar`: one decision = `GpuTarModel::generate` at batch 1 (default
+//! `TarConfig`, random weights: the latency does not depend on their
+//! values; a mid-day history of 24 observed steps; default sampling
+//! options), timed call by call after a warm-up, `TarModel::generate` on
+//! one CPU thread beside it; prints p50 / p99 and one JSON line per device,
+//! `{"policy":"tar","decision_ms_p50":..,"decision_ms_p99":..,"device":"cuda"|"cpu"}`.
 //!
 //! Prints, in order: the device's floors (copy bandwidth, sgemm rates), a
 //! scoring sweep over batch sizes (CPU one thread beside the GPU, with the
@@ -25,8 +34,11 @@ use std::time::{Duration, Instant};
 use nann::bar::model::BarModel;
 use nann::bar::{AdFeatures, AdTokens, BarConfig, BarScorer, BidFeatures, UserFeatures};
 use nann::cuda::{
-    DevBuf, Exec, GpuBarScorer, GpuDevice, GpuOptions, GpuUserState, MatmulBackend, StepProfile,
+    DevBuf, Exec, GpuBarScorer, GpuDevice, GpuOptions, GpuTarModel, GpuUserState, MatmulBackend,
+    StepProfile,
 };
+use nann::tar::data::SplitMix;
+use nann::tar::model::{GenerateOptions, TarConfig, TarModel, STEP_FEATURES};
 use nann::{BeamParams, CandidateBatch, Index, IndexParams, Metric, Scorer};
 
 struct Args {
@@ -36,6 +48,8 @@ struct Args {
     batches: Vec<usize>,
     json: bool,
     quick: bool,
+    tar: bool,
+    calls: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -47,6 +61,8 @@ fn parse_args() -> Result<Args, String> {
         batches: vec![256, 1024, 4096, 16384, 65536],
         json: false,
         quick: false,
+        tar: false,
+        calls: 300,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -67,11 +83,16 @@ fn parse_args() -> Result<Args, String> {
             }
             "--json" => args.json = true,
             "--quick" => args.quick = true,
+            "--tar" => args.tar = true,
+            "--calls" => args.calls = value()?.parse().map_err(|e| format!("--calls: {e}"))?,
             other => return Err(format!("unknown flag {other}")),
         }
     }
     if args.batches.is_empty() || args.batches.contains(&0) || args.ads == 0 || args.threads == 0 {
         return Err("batches, ads and threads must be positive".into());
+    }
+    if args.calls == 0 {
+        return Err("--calls must be positive".into());
     }
     Ok(args)
 }
@@ -221,6 +242,10 @@ fn main() {
             std::process::exit(2)
         }
     };
+    if args.tar {
+        tar_bench(&dev, &args);
+        return;
+    }
     let json = |line: String| {
         if args.json {
             println!("json: {line}");
@@ -646,4 +671,76 @@ fn main() {
     }
     println!("{:<44} {:>12.1} GB/s", "copy bandwidth", bandwidth / 1e9);
     println!("{:<44} {:>9.1} GFLOP/s", "best fp32 sgemm", fp32_rate / 1e9);
+}
+
+/// `(p50, p99)` in milliseconds of `calls` timed calls of `f` after
+/// `warmup` untimed ones.
+fn latencies(warmup: usize, calls: usize, mut f: impl FnMut()) -> (f64, f64) {
+    for _ in 0..warmup {
+        f();
+    }
+    let mut ms: Vec<f64> = (0..calls)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    (percentile(&ms, 50.0), percentile(&ms, 99.0))
+}
+
+/// `--tar`: the TAR model's decision latency at batch 1, GPU and CPU.
+fn tar_bench(dev: &Arc<GpuDevice>, args: &Args) {
+    let config = TarConfig::default();
+    let model = TarModel::random(config.clone(), 2024).unwrap_or_else(|e| fail(e));
+    let gpu = GpuTarModel::new(&model, Arc::clone(dev)).unwrap_or_else(|e| fail(e));
+    let (calls, warmup) = if args.quick {
+        (args.calls.min(10), 2)
+    } else {
+        (args.calls, 20)
+    };
+    let y = model.condition(Some(&[0.8, 0.95, 0.9, 3.5]));
+    let seen = 24;
+    let mut lcg = Lcg(11);
+    let raw: Vec<f32> = (0..seen * STEP_FEATURES).map(|_| lcg.unit()).collect();
+    let history = model.normalize_step(&raw).unwrap_or_else(|e| fail(e));
+    let opts = GenerateOptions::default();
+    println!(
+        "nann gpu_bench --tar: device {}; TarConfig::default() (T {}, scales {:?}, D {}, {} \
+         blocks, V {}), {} parameters; {seen} steps seen; {calls} calls after {warmup} warm-up",
+        dev.name(),
+        config.steps,
+        config.scales,
+        config.d_model,
+        config.blocks,
+        config.codebook_size,
+        model.parameter_count()
+    );
+    let mut rng = SplitMix::new(5);
+    let (gpu_p50, gpu_p99) = latencies(warmup, calls, || {
+        let g = gpu
+            .generate(&y, &history, &opts, &mut rng)
+            .unwrap_or_else(|e| fail(e));
+        assert_eq!(g.x_hat.len(), config.steps * STEP_FEATURES);
+    });
+    let mut rng = SplitMix::new(5);
+    let (cpu_p50, cpu_p99) = latencies(warmup, calls, || {
+        let g = model
+            .generate(&y, &history, &opts, &mut rng)
+            .unwrap_or_else(|e| fail(e));
+        assert_eq!(g.x_hat.len(), config.steps * STEP_FEATURES);
+    });
+    println!("\n== TAR summary (one decision = one generation at batch 1)");
+    println!("{:<28} {:>12} {:>12}", "device", "p50 ms", "p99 ms");
+    println!(
+        "{:<28} {gpu_p50:>12.3} {gpu_p99:>12.3}",
+        format!("cuda ({})", dev.name())
+    );
+    println!("{:<28} {cpu_p50:>12.3} {cpu_p99:>12.3}", "cpu (1 thread)");
+    for (device, p50, p99) in [("cuda", gpu_p50, gpu_p99), ("cpu", cpu_p50, cpu_p99)] {
+        println!(
+            "{{\"policy\":\"tar\",\"decision_ms_p50\":{p50:.4},\"decision_ms_p99\":{p99:.4},\"device\":\"{device}\"}}"
+        );
+    }
 }

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of the CUDA backend (feature `cuda`, issue 6), for a machine
 # with an NVIDIA GPU: builds, runs the #[ignore]d GPU tests (parity with the
-# CPU reference: tests/cuda_parity.rs; plus tests/cuda_compile.rs), then the
-# GPU benchmark (examples/gpu_bench.rs), and prints a short table last.
+# CPU reference: tests/cuda_parity.rs, BAR and TAR; plus
+# tests/cuda_compile.rs), then the GPU benchmark (examples/gpu_bench.rs: BAR
+# scoring and search, then `--tar`, the TAR model's decision latency at
+# batch 1 beside the CPU), and prints a short table last.
 #
 #   bash scripts/gpu-check.sh [--tests-only | --bench-only] [-- BENCH ARGS]
 #       e.g. -- --ads 1000000 --queries 200     (the bench's defaults)
@@ -94,6 +96,8 @@ for line in open(sys.argv[1]):
         shutil.copy(m["executable"], f"{out}/{m['target']['name']}")
         print("packaged", m["target"]["name"])
 PY
+  # One binary for both benchmarks (BAR, and --tar: random TAR weights made
+  # in the binary, no file to carry).
   cp "$CARGO_TARGET_DIR/release/examples/gpu_bench" "$PACKAGE/gpu_bench"
   # Without debug info the three binaries fit a small carry (the release
   # profile keeps line tables).
@@ -129,6 +133,15 @@ if [ "$MODE" != tests ]; then
     cargo run --release --features cuda --example gpu_bench -- "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG/bench.txt"
   fi
   [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+  TAR_ARGS=(--tar)
+  for a in "${BENCH_ARGS[@]}"; do [ "$a" = --quick ] && TAR_ARGS+=(--quick); done
+  echo "== TAR decision latency (examples/gpu_bench.rs ${TAR_ARGS[*]})"
+  if [ -n "$PREBUILT" ]; then
+    "$PREBUILT/gpu_bench" "${TAR_ARGS[@]}" 2>&1 | tee "$LOG/tar.txt"
+  else
+    cargo run --release --features cuda --example gpu_bench -- "${TAR_ARGS[@]}" 2>&1 | tee "$LOG/tar.txt"
+  fi
+  [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
 fi
 
 echo
@@ -137,10 +150,14 @@ if [ -f "$LOG/tests.txt" ]; then
   printf '%-62s %s\n' "test" "result"
   grep -E '^test [a-z0-9_:]+ \.\.\. (ok|FAILED|ignored)' "$LOG/tests.txt" |
     awk '{ printf "%-62s %s\n", $2, $4 }'
-  grep -E 'worst error|identical result lists|TF32:|SKIPPED' "$LOG/tests.txt" | sed 's/^/  /'
+  grep -E 'worst error|identical result lists|TF32:|SKIPPED|documented mismatch' "$LOG/tests.txt" | sed 's/^/  /'
 fi
 if [ -f "$LOG/bench.txt" ]; then
   sed -n '/^== summary/,$p' "$LOG/bench.txt"
+fi
+if [ -f "$LOG/tar.txt" ]; then
+  echo
+  sed -n '/^== TAR summary/,$p' "$LOG/tar.txt"
 fi
 [ $STATUS -eq 0 ] && echo "gpu-check: OK" || echo "gpu-check: FAILED"
 exit $STATUS

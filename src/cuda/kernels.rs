@@ -88,6 +88,20 @@ pub const KERNELS: &[KernelSource] = &[
         source: include_str!("../../kernels/topk.cu"),
         functions: &["nann_topk_block"],
     },
+    KernelSource {
+        file: "tar.cu",
+        source: include_str!("../../kernels/tar.cu"),
+        functions: &[
+            "nann_tar_linear",
+            "nann_tar_attend",
+            "nann_tar_add3",
+            "nann_tar_guide",
+            "nann_tar_down",
+            "nann_tar_up",
+            "nann_tar_top_p",
+            "nann_tar_nearest",
+        ],
+    },
 ];
 
 /// The architecture the CI compile check targets: the GPU machine's H200

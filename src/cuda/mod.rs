@@ -1,7 +1,9 @@
-//! CUDA backend (feature `cuda`): the BAR model's heads as the crate's own
-//! kernels (`kernels/*.cu`), compiled at run time by NVRTC and driven
-//! through cudarc, and [`GpuBarScorer`], a [`Scorer`](crate::Scorer) for
-//! [`Index::search_with`](crate::Index::search_with).
+//! CUDA backend (feature `cuda`): the BAR model's heads and the TAR
+//! model's generation as the crate's own kernels (`kernels/*.cu`), compiled
+//! at run time by NVRTC and driven through cudarc: [`GpuBarScorer`], a
+//! [`Scorer`](crate::Scorer) for
+//! [`Index::search_with`](crate::Index::search_with), and [`GpuTarModel`],
+//! the auto-bidding decision (`TarModel::generate`) at batch 1.
 //!
 //! ```text
 //!  kernels/*.cu (include_str!) ──► kernels.rs: NVRTC ──► PTX (once per process and arch)
@@ -17,6 +19,9 @@
 //!              request; each NANN round (CandidateBatch) = upload z_a + tokens,
 //!              ~20 launches, download scores; GpuAdTable: ads resident on the
 //!              device, scored by id or all at once with top-k on the device
+//!  tar.rs      GpuTarModel: weights uploaded once; one generation = 3 uploads,
+//!              ~110 launches (fused linear layers, KV-cached attention, top-p
+//!              on the device from host-drawn uniforms), 1 download
 //! ```
 //!
 //! Builds and links without CUDA: cudarc loads `libcuda`, `libnvrtc` and
@@ -36,6 +41,7 @@ pub mod kernels;
 pub mod memory;
 pub mod ops;
 mod scorer;
+mod tar;
 
 pub use context::{
     cublas_available, device_count, driver_available, driver_version, write_ptx_dir, GpuDevice,
@@ -46,3 +52,4 @@ pub use kernels::{compile_all_ptx, compile_ptx, nvrtc_available, KernelSource, C
 pub use memory::{DevBuf, Mat};
 pub use ops::{Act, Exec, MatmulBackend};
 pub use scorer::{GpuAdTable, GpuBarScorer, GpuOptions, GpuUserState, StepProfile};
+pub use tar::{GpuTarModel, GpuTarOptions};

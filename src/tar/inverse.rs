@@ -1,6 +1,6 @@
 //! Inverse dynamics: the bid coefficient that makes a tick spend a given
-//! share of the budget, learned from the log. How [`TarPolicy`]
-//! (super::TarPolicy) turns a generated plan into an action.
+//! share of the budget, learned from the log. How
+//! [`TarPolicy`](super::TarPolicy) turns a generated plan into an action.
 //!
 //! TAR's plans carry their own actions (state-action fusion), but the
 //! VQ-VAE reconstructs that one slot poorly: the behaviour policies' actions
