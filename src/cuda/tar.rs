@@ -71,7 +71,7 @@ use super::error::CudaError;
 use super::memory::{DevBuf, Mat};
 use super::ops::{Exec, MatmulBackend};
 use crate::tar::data::SplitMix;
-use crate::tar::model::{GenerateOptions, Generated, Quantized, TarConfig, TarModel};
+use crate::tar::model::{GenerateOptions, Generated, Quantized, TarConfig, TarError, TarModel};
 
 /// Threads per block of the grid-stride kernels.
 const BLOCK: u32 = 256;
@@ -1447,21 +1447,10 @@ impl GpuTarModel {
         opts: &GenerateOptions,
         rng: &mut SplitMix,
     ) -> Result<Generated, CudaError> {
-        if !(opts.temperature > 0.0 && opts.temperature.is_finite()) {
-            return Err(invalid(
-                "temperature",
-                format!("{} is not a positive finite number", opts.temperature),
-            ));
-        }
-        if !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
-            return Err(invalid("top_p", format!("{} is not in (0, 1]", opts.top_p)));
-        }
-        if !(opts.guidance >= 0.0 && opts.guidance.is_finite()) {
-            return Err(invalid(
-                "guidance",
-                format!("{} is not a finite number >= 0", opts.guidance),
-            ));
-        }
+        opts.validate().map_err(|e| match e {
+            TarError::Input { input, message } => invalid(input, message),
+            other => invalid("options", other.to_string()),
+        })?;
         let n_hist = self.check_condition(y, history)?;
         let d = &self.d;
         let draws: Vec<f64> = if d.quantize {

@@ -43,6 +43,30 @@ impl Default for GenerateOptions {
     }
 }
 
+impl GenerateOptions {
+    /// Checks the options ([`TarError::Input`] naming the bad one):
+    /// `temperature > 0` and finite, `top_p` in `(0, 1]`, `guidance >= 0`
+    /// and finite. Every generator (CPU and CUDA) checks them this way.
+    pub fn validate(&self) -> Result<(), TarError> {
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(input(
+                "temperature",
+                format!("{} is not a positive finite number", self.temperature),
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(input("top_p", format!("{} is not in (0, 1]", self.top_p)));
+        }
+        if !(self.guidance >= 0.0 && self.guidance.is_finite()) {
+            return Err(input(
+                "guidance",
+                format!("{} is not a finite number >= 0", self.guidance),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The residual quantisation of a latent sequence ([`TarModel::quantize`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quantized {
@@ -505,8 +529,8 @@ impl TarModel {
     ///
     /// `y` is [`condition`](Self::condition)'s vector, `history` the
     /// `n_hist x F` observed normalised steps (`n_hist` in `0..=T`). Errors
-    /// ([`TarError::Input`]) on wrong lengths, non-finite values,
-    /// `temperature <= 0` or `top_p` outside `(0, 1]`.
+    /// ([`TarError::Input`]) on wrong lengths, non-finite values, or
+    /// options [`GenerateOptions::validate`] rejects.
     pub fn generate(
         &self,
         y: &[f32],
@@ -514,21 +538,7 @@ impl TarModel {
         opts: &GenerateOptions,
         rng: &mut SplitMix,
     ) -> Result<Generated, TarError> {
-        if !(opts.temperature > 0.0 && opts.temperature.is_finite()) {
-            return Err(input(
-                "temperature",
-                format!("{} is not a positive finite number", opts.temperature),
-            ));
-        }
-        if !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
-            return Err(input("top_p", format!("{} is not in (0, 1]", opts.top_p)));
-        }
-        if !(opts.guidance >= 0.0 && opts.guidance.is_finite()) {
-            return Err(input(
-                "guidance",
-                format!("{} is not a finite number >= 0", opts.guidance),
-            ));
-        }
+        opts.validate()?;
         self.check_condition(y, history)?;
         let cfg = &self.config;
         let c = cfg.code_dim;
