@@ -4,6 +4,10 @@
 //! trainer's forward pass with the CPU model and a small training run.
 #![cfg(feature = "tar")]
 
+#[path = "support/recording.rs"]
+mod recording;
+use recording::Recording;
+
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -555,28 +559,6 @@ fn causal_mask_future_inputs_never_change_earlier_predictions() {
 
 fn small_sim() -> SimConfig {
     SimConfig::sparse().with_pvs_per_day(10_000)
-}
-
-/// Wraps a policy and records every alpha it returns.
-struct Recording<P> {
-    inner: P,
-    alphas: Vec<f64>,
-    cpa: f64,
-}
-
-impl<P: Policy> Policy for Recording<P> {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn begin_day(&mut self, day: &DayContext<'_>) {
-        self.cpa = day.cpa_target;
-        self.inner.begin_day(day);
-    }
-    fn act(&mut self, obs: &Observation<'_>) -> f64 {
-        let a = self.inner.act(obs);
-        self.alphas.push(a);
-        a
-    }
 }
 
 #[test]

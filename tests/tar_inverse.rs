@@ -4,11 +4,15 @@
 //! learns a bid that rises with the spend asked for.
 #![cfg(feature = "tar")]
 
+#[path = "support/recording.rs"]
+mod recording;
+use recording::Recording;
+
 use std::sync::Arc;
 
 use nann::tar::inverse::{tensor_shapes, InverseDynamics, INVERSE_INPUTS};
 use nann::tar::model::{TarConfig, TarError, TarModel, STEP_FEATURES};
-use nann::tar::sim::{run_episode, DayContext, Observation, Policy, SimConfig};
+use nann::tar::sim::{run_episode, SimConfig};
 use nann::tar::TarPolicy;
 
 /// A small deterministic generator for test inputs.
@@ -179,28 +183,6 @@ fn weights_files_round_trip_and_bad_ones_give_typed_errors() {
         if let Ok(m) = InverseDynamics::from_safetensors(&bad) {
             let _ = m.predict(&random_inputs(&mut rng));
         }
-    }
-}
-
-/// Records every alpha a policy returns.
-struct Recording<P> {
-    inner: P,
-    alphas: Vec<f64>,
-    cpa: f64,
-}
-
-impl<P: Policy> Policy for Recording<P> {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn begin_day(&mut self, day: &DayContext<'_>) {
-        self.cpa = day.cpa_target;
-        self.inner.begin_day(day);
-    }
-    fn act(&mut self, obs: &Observation<'_>) -> f64 {
-        let a = self.inner.act(obs);
-        self.alphas.push(a);
-        a
     }
 }
 
