@@ -1203,26 +1203,18 @@ fn invalid(input: &str, message: String) -> CudaError {
     CudaError::Invalid(format!("{input}: {message}"))
 }
 
-/// Checks that `x` holds `rows x width` finite values (the CPU's check).
-fn check_matrix(name: &str, x: &[f32], rows: usize, width: usize) -> Result<(), CudaError> {
-    if x.len() != rows * width {
-        return Err(invalid(
-            name,
-            format!(
-                "{} values; expected {rows} x {width} = {}",
-                x.len(),
-                rows * width
-            ),
-        ));
+/// A rejected input as this backend's error (the checks are the CPU
+/// model's, so both reject the same inputs with the same messages).
+fn from_tar(e: TarError) -> CudaError {
+    match e {
+        TarError::Input { input, message } => invalid(input, message),
+        other => CudaError::Invalid(other.to_string()),
     }
-    check_finite(name, x)
 }
 
-fn check_finite(name: &str, x: &[f32]) -> Result<(), CudaError> {
-    match x.iter().position(|v| !v.is_finite()) {
-        Some(i) => Err(invalid(name, format!("element {i} is {}", x[i]))),
-        None => Ok(()),
-    }
+/// Checks that `x` holds `rows x width` finite values.
+fn check_matrix(name: &'static str, x: &[f32], rows: usize, width: usize) -> Result<(), CudaError> {
+    crate::tar::model::check_matrix(name, x, rows, width).map_err(from_tar)
 }
 
 /// Where the generator's scale-`k` codes come from.
@@ -1414,21 +1406,7 @@ impl GpuTarModel {
 
     /// Checks the generator's inputs (as the CPU does); returns `n_hist`.
     fn check_condition(&self, y: &[f32], history: &[f32]) -> Result<usize, CudaError> {
-        let d = &self.d;
-        check_matrix("y", y, 1, d.a)?;
-        if !history.len().is_multiple_of(d.f) || history.len() / d.f > d.t {
-            return Err(invalid(
-                "history",
-                format!(
-                    "{} values; expected n x {} with n in 0..={}",
-                    history.len(),
-                    d.f,
-                    d.t
-                ),
-            ));
-        }
-        check_finite("history", history)?;
-        Ok(history.len() / d.f)
+        crate::tar::model::check_condition(&self.config, y, history).map_err(from_tar)
     }
 
     /// Generates a trajectory as [`TarModel::generate`] does: the same
@@ -1447,10 +1425,7 @@ impl GpuTarModel {
         opts: &GenerateOptions,
         rng: &mut SplitMix,
     ) -> Result<Generated, CudaError> {
-        opts.validate().map_err(|e| match e {
-            TarError::Input { input, message } => invalid(input, message),
-            other => invalid("options", other.to_string()),
-        })?;
+        opts.validate().map_err(from_tar)?;
         let n_hist = self.check_condition(y, history)?;
         let d = &self.d;
         let draws: Vec<f64> = if d.quantize {

@@ -67,6 +67,30 @@ impl GenerateOptions {
     }
 }
 
+/// Checks a generator's condition for `config`: `y` of `attr_dim` finite
+/// values and `history` of `n x F` finite values with `n` in `0..=T`;
+/// returns `n`. Shared with the CUDA generator.
+pub(crate) fn check_condition(
+    config: &TarConfig,
+    y: &[f32],
+    history: &[f32],
+) -> Result<usize, TarError> {
+    check_matrix("y", y, 1, config.attr_dim())?;
+    let f = config.step_features;
+    if !history.len().is_multiple_of(f) || history.len() / f > config.steps {
+        return Err(input(
+            "history",
+            format!(
+                "{} values; expected n x {f} with n in 0..={}",
+                history.len(),
+                config.steps
+            ),
+        ));
+    }
+    check_finite("history", history)?;
+    Ok(history.len() / f)
+}
+
 /// The residual quantisation of a latent sequence ([`TarModel::quantize`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quantized {
@@ -141,8 +165,14 @@ fn input(input: &'static str, message: String) -> TarError {
     TarError::Input { input, message }
 }
 
-/// Checks that `x` holds `rows x width` finite values.
-fn check_matrix(name: &'static str, x: &[f32], rows: usize, width: usize) -> Result<(), TarError> {
+/// Checks that `x` holds `rows x width` finite values (also the CUDA
+/// generator's check).
+pub(crate) fn check_matrix(
+    name: &'static str,
+    x: &[f32],
+    rows: usize,
+    width: usize,
+) -> Result<(), TarError> {
     if x.len() != rows * width {
         return Err(input(
             name,
@@ -476,21 +506,7 @@ impl TarModel {
 
     /// Checks the generator's inputs; returns `n_hist`.
     fn check_condition(&self, y: &[f32], history: &[f32]) -> Result<usize, TarError> {
-        let cfg = &self.config;
-        check_matrix("y", y, 1, cfg.attr_dim())?;
-        let f = cfg.step_features;
-        if !history.len().is_multiple_of(f) || history.len() / f > cfg.steps {
-            return Err(input(
-                "history",
-                format!(
-                    "{} values; expected n x {f} with n in 0..={}",
-                    history.len(),
-                    cfg.steps
-                ),
-            ));
-        }
-        check_finite("history", history)?;
-        Ok(history.len() / f)
+        check_condition(&self.config, y, history)
     }
 
     /// The generator's head outputs for known `h` (`L x head_outputs`):

@@ -119,4 +119,6 @@ mod weights;
 
 pub use config::{TarConfig, ACTION_SLOT, ATTRIBUTES, STEP_FEATURES};
 pub use error::TarError;
+#[cfg(feature = "cuda")]
+pub(crate) use inference::{check_condition, check_matrix};
 pub use inference::{GenerateOptions, Generated, Quantized, TarModel};
