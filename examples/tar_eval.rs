@@ -20,7 +20,9 @@
 //!
 //! Every TAR variant reads its actions through an inverse-dynamics model
 //! trained on the same log (`nann::tar::inverse`; `--inverse off` bids the
-//! plan's own action slot instead) and caps them at `--max-action` (1.3)
+//! plan's own action slot instead; `--inverse market`, `market-day` and
+//! `market-day-guard` price the plan's spend with the prices seen that day,
+//! see `nann::tar::MarketReading`) and caps them at `--max-action` (1.3)
 //! CPA targets. Other options: `--guidance G` (classifier-free guidance,
 //! default 1: none), `--spend S --cpa-ratio C` (the constraint attributes
 //! asked for, 0.95 each), `--samples N`, `--target-quantile Q`, `--top-p P`,
@@ -49,7 +51,7 @@ use nann::tar::sim::{
 use nann::tar::train::dt::{train_dt, DtTrainConfig};
 use nann::tar::train::inverse::{train_inverse_dynamics, InverseTrainConfig};
 use nann::tar::train::{train_tar, TarTrainConfig, TarTrainReport};
-use nann::tar::TarPolicy;
+use nann::tar::{MarketReading, TarPolicy};
 
 const RATIOS: [f64; 5] = [0.5, 0.75, 1.0, 1.25, 1.5];
 const TEST_SEED: u64 = 1_000_000;
@@ -68,6 +70,7 @@ struct Args {
     top_p: f32,
     guidance: f32,
     inverse: bool,
+    market: Option<MarketReading>,
     max_action: f32,
     spend: f32,
     cpa_ratio: f32,
@@ -98,6 +101,7 @@ fn parse() -> Result<Args, String> {
         top_p: 0.9,
         guidance: 1.0,
         inverse: true,
+        market: None,
         max_action: 1.3,
         spend: 0.95,
         cpa_ratio: 0.95,
@@ -141,13 +145,25 @@ fn parse() -> Result<Args, String> {
             "--target-quantile" => args.target_quantile = num(&value()?)?,
             "--top-p" => args.top_p = num(&value()?)?,
             "--guidance" => args.guidance = num(&value()?)?,
-            "--inverse" => {
-                args.inverse = match value()?.as_str() {
-                    "on" => true,
-                    "off" => false,
-                    other => return Err(format!("--inverse takes on or off, not {other}")),
+            "--inverse" => args.inverse = match value()?.as_str() {
+                "on" => true,
+                "off" => false,
+                "market" => {
+                    args.market = Some(MarketReading::NextTick);
+                    true
                 }
-            }
+                "market-day" => {
+                    args.market = Some(MarketReading::RestOfDay { cpa_guard: false });
+                    true
+                }
+                "market-day-guard" => {
+                    args.market = Some(MarketReading::RestOfDay { cpa_guard: true });
+                    true
+                }
+                other => return Err(format!(
+                    "--inverse takes on, off, market, market-day or market-day-guard, not {other}"
+                )),
+            },
             "--spend" => args.spend = num(&value()?)?,
             "--max-action" => args.max_action = num(&value()?)?,
             "--cpa-ratio" => args.cpa_ratio = num(&value()?)?,
@@ -509,6 +525,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             let (samples, seed) = (args.samples, args.seed);
             let (spend, cpa_ratio, max_action) = (args.spend, args.cpa_ratio, args.max_action);
             let inverse = inverse.clone();
+            let (market, ticks) = (args.market, sim.ticks);
             factories.push((
                 name.into(),
                 Box::new(move || {
@@ -521,6 +538,9 @@ fn main() -> Result<(), Box<dyn Error>> {
                         .with_seed(seed);
                     if let Some(inverse) = &inverse {
                         policy = policy.with_inverse_dynamics(inverse.clone());
+                    }
+                    if let Some(reading) = market {
+                        policy = policy.with_market_reading(reading, ticks);
                     }
                     Box::new(policy) as Box<dyn Policy + Send>
                 }),

@@ -29,4 +29,4 @@ mod tar_policy;
 pub mod train;
 mod weights_file;
 
-pub use tar_policy::TarPolicy;
+pub use tar_policy::{MarketReading, TarPolicy};

@@ -9,7 +9,11 @@
 //!          with inverse dynamics (tar_eval's setting):
 //!            pace = (x_hat[t].budget_left - x_hat[t+1].budget_left) / x_hat[t].budget_left
 //!            a_t  = InverseDynamics(x_t, pace x budget_left_t, ln(budget/CPA))
-//!          without: a_t = x_hat[t+1][ACTION_SLOT] (the paper's reading)
+//!          with a market reading (PriceMemory of the day's prices):
+//!            NextTick:  a_t = the bid that spends pace x budget left in this tick's PVs
+//!            RestOfDay: a_t = the one threshold that spends the plan's rest-of-day
+//!                       share over the traffic to come (optionally <= OnlineLP's CPA threshold)
+//!          without either: a_t = x_hat[t+1][ACTION_SLOT] (the paper's reading)
 //!          alpha_t = a_t x CPA  (median over `samples` draws, clamped to [0, 1.3 CPA])
 //! ```
 //!
@@ -25,12 +29,35 @@ use std::sync::Arc;
 use super::data::{step_features, SplitMix};
 use super::inverse::InverseDynamics;
 use super::model::{GenerateOptions, TarModel, ACTION_SLOT, STEP_FEATURES};
-use super::sim::{DayContext, Observation, Policy};
+use super::sim::{DayContext, Observation, Policy, PriceMemory};
 
 /// Default bid cap, in CPA targets: [`OnlineLpPolicy`](super::sim::OnlineLpPolicy)'s,
 /// chosen the same way (60 validation days): 13.9 / 19.3 without a cap
 /// (10 x CPA) against 15.6 / 20.7 with it at budget ratios 0.5 / 0.75.
 const DEFAULT_MAX_ACTION: f32 = 1.3;
+
+/// How a [`TarPolicy`] with a [`PriceMemory`] turns a plan into a bid.
+///
+/// Both read only the plan's budget trajectory and ask the market model
+/// for the price of that spend; neither needs a trained inverse-dynamics
+/// model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarketReading {
+    /// Bid what spends, in this tick's PVs, the share of the budget left
+    /// the plan spends before its next step (the learned inverse
+    /// dynamics' question, answered from the prices seen).
+    NextTick,
+    /// Bid the one threshold that spends, over the traffic still to come,
+    /// the share of the budget left the plan spends by the end of the day
+    /// (the LP view: one price for the rest of the day); with `cpa_guard`,
+    /// never above OnlineLP's CPA-constraint threshold
+    /// ([`PriceMemory::cpa_threshold`]).
+    RestOfDay {
+        /// Cap the bid at the threshold where the expected CPA of the PVs
+        /// bought reaches the target.
+        cpa_guard: bool,
+    },
+}
 
 /// A [`Policy`] that bids with a [`TarModel`].
 #[derive(Debug, Clone)]
@@ -38,6 +65,8 @@ pub struct TarPolicy {
     name: String,
     model: Arc<TarModel>,
     inverse: Option<Arc<InverseDynamics>>,
+    market: Option<(PriceMemory, MarketReading)>,
+    share: Vec<f64>,
     target_efficiency: f32,
     target_spend: f32,
     target_cpa_ratio: f32,
@@ -52,6 +81,7 @@ pub struct TarPolicy {
     cpa_target: f64,
     history: Vec<f32>,
     prev_action: f64,
+    prev_alpha: f64,
     errors: u64,
 }
 
@@ -67,6 +97,8 @@ impl TarPolicy {
             name: "tar".into(),
             model,
             inverse: None,
+            market: None,
+            share: Vec::new(),
             target_efficiency,
             target_spend: 0.95,
             target_cpa_ratio: 0.95,
@@ -81,6 +113,7 @@ impl TarPolicy {
             cpa_target: 0.0,
             history: Vec::new(),
             prev_action: 0.0,
+            prev_alpha: 0.0,
             errors: 0,
         }
     }
@@ -104,6 +137,15 @@ impl TarPolicy {
     /// and the plan's next step, instead of the plan's own action slot.
     pub fn with_inverse_dynamics(mut self, inverse: Arc<InverseDynamics>) -> Self {
         self.inverse = Some(inverse);
+        self
+    }
+
+    /// Reads actions through a within-day [`PriceMemory`] of the prices
+    /// seen so far instead of a learned inverse-dynamics model (see
+    /// [`MarketReading`]); takes precedence over
+    /// [`with_inverse_dynamics`](Self::with_inverse_dynamics).
+    pub fn with_market_reading(mut self, reading: MarketReading, ticks: usize) -> Self {
+        self.market = Some((PriceMemory::new(ticks), reading));
         self
     }
 
@@ -142,6 +184,13 @@ impl TarPolicy {
         self.errors
     }
 
+    /// A market bid (money per unit of pValue) in CPA targets; the cap when
+    /// the market model has no answer (no feedback yet, or no price seen
+    /// would spend that much).
+    fn bid_in_cpa(&self, alpha: Option<f64>) -> f32 {
+        alpha.map_or(self.max_action, |a| (a / self.cpa_target.max(1e-9)) as f32)
+    }
+
     fn decide(&mut self, obs: &Observation<'_>) -> Result<f32, super::model::TarError> {
         let config = self.model.config();
         let (t_len, f) = (config.steps, config.step_features);
@@ -163,8 +212,8 @@ impl TarPolicy {
                 .model
                 .generate(&y, &history, &self.options, &mut self.rng)?;
             let step = plan_row(&g.x_hat, row)?;
-            let action = match (&self.inverse, rows.checked_sub(1)) {
-                (Some(inverse), Some(last)) => {
+            let action = match rows.checked_sub(1) {
+                Some(last) if self.inverse.is_some() || self.market.is_some() => {
                     let mut x_t = [0f32; STEP_FEATURES];
                     x_t.copy_from_slice(&self.history[last * f..(last + 1) * f]);
                     // The plan's budget left after this tick; on the last
@@ -185,9 +234,39 @@ impl TarPolicy {
                     // next one: 14.6 / 21.1 and 14.2 / 21.0 against 15.6 /
                     // 20.7, within the noise.)
                     let now = plan_row(&g.x_hat, obs.tick.min(t_len - 1))?;
-                    let rate = ((now[1] - planned_left) / now[1].max(1e-3)).clamp(0.0, 1.0);
-                    let share = rate * x_t[1].max(0.0);
-                    inverse.predict(&InverseDynamics::inputs(&x_t, share, t_len, attrs[3]))
+                    let left_now = x_t[1].max(0.0) as f64;
+                    match (&self.market, &self.inverse) {
+                        (Some((memory, MarketReading::NextTick)), _) => {
+                            let rate = ((now[1] - planned_left) / now[1].max(1e-3)).clamp(0.0, 1.0);
+                            let spend = rate as f64 * left_now * self.budget;
+                            self.bid_in_cpa(memory.bid_for_spend(spend, obs.pvalues.len()))
+                        }
+                        (Some((memory, MarketReading::RestOfDay { cpa_guard })), _) => {
+                            // The share of its budget left the plan spends
+                            // by the end of the day, bought at one threshold
+                            // over the traffic still to come.
+                            let end = plan_row(&g.x_hat, t_len - 1)?;
+                            let rate = ((now[1] - end[1]) / now[1].max(1e-3)).clamp(0.0, 1.0);
+                            let rest: f64 =
+                                self.share.get(obs.tick..).map_or(0.0, |s| s.iter().sum());
+                            let rest_pvs = rest * self.pvs_per_tick * self.share.len() as f64;
+                            let spend = rate as f64 * left_now * self.budget;
+                            let day = memory.bid_for_spend(spend, rest_pvs.round() as usize);
+                            let guard = cpa_guard
+                                .then(|| memory.cpa_threshold(self.cpa_target))
+                                .flatten();
+                            self.bid_in_cpa(match (day, guard) {
+                                (Some(d), Some(g)) => Some(d.min(g)),
+                                (d, g) => d.or(g),
+                            })
+                        }
+                        (None, Some(inverse)) => {
+                            let rate = ((now[1] - planned_left) / now[1].max(1e-3)).clamp(0.0, 1.0);
+                            let share = rate * x_t[1].max(0.0);
+                            inverse.predict(&InverseDynamics::inputs(&x_t, share, t_len, attrs[3]))
+                        }
+                        (None, None) => step[ACTION_SLOT],
+                    }
                 }
                 _ => step[ACTION_SLOT],
             };
@@ -208,11 +287,19 @@ impl Policy for TarPolicy {
         self.days += 1;
         self.budget = day.budget;
         self.cpa_target = day.cpa_target;
+        self.share = day.traffic_share.to_vec();
         self.history.clear();
         self.prev_action = 0.0;
+        self.prev_alpha = 0.0;
+        if let Some((memory, _)) = &mut self.market {
+            memory.clear();
+        }
     }
 
     fn act(&mut self, obs: &Observation<'_>) -> f64 {
+        if let (Some((memory, _)), Some(last)) = (&mut self.market, &obs.last) {
+            memory.observe(last, self.prev_alpha);
+        }
         let x = step_features(
             obs.state,
             self.prev_action,
@@ -228,6 +315,7 @@ impl Policy for TarPolicy {
             }
         };
         let alpha = ratio as f64 * obs.cpa_target;
+        self.prev_alpha = alpha;
         // The data's `a_{t-1}` is the executed coefficient: 0 once the
         // budget is spent.
         self.prev_action = if obs.remaining >= super::sim::MIN_BUDGET {

@@ -98,6 +98,7 @@ mod episode;
 mod eval;
 mod market;
 mod policy;
+mod prices;
 mod records;
 mod rng;
 
@@ -110,4 +111,5 @@ pub use policy::{
     ConstantPolicy, DayContext, Observation, OnlineLpPolicy, PidPolicy, Policy, PopulationPolicy,
     TickFeedback,
 };
+pub use prices::PriceMemory;
 pub use records::{score, StepRecord, StepState, TickStats};

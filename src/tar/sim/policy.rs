@@ -8,6 +8,7 @@
 //! the tick (as all AuctionNet baselines do; `alpha` has CPA units).
 
 use super::episode::MIN_BUDGET;
+use super::prices::{bin_upper, PriceMemory};
 use super::records::StepState;
 use super::rng::{kind, Rng};
 
@@ -194,8 +195,9 @@ impl Policy for PidPolicy {
 /// PVs in increasing order of cost per value `leastWinningCost / pValue`
 /// until either the budget is spent or the running CPA (cost bought / value
 /// bought) reaches the target; the bid coefficient is the cost per value of
-/// the last PV bought. The policy keeps histograms (log-spaced bins) of the
-/// PVs seen so far by cost per value, summing their cost and value, scales
+/// the last PV bought. The policy keeps histograms (log-spaced bins, a
+/// [`PriceMemory`]) of the PVs seen so far by cost per value, summing
+/// their cost and value, scales
 /// them to the expected remaining traffic (`share(t..T) / share(0..t)`) and
 /// the exposure rate, and bids the threshold found for the remaining
 /// budget, capped at `cap x CPA target` (AuctionNet: 1.5; 1.3 here, the
@@ -221,19 +223,13 @@ pub struct OnlineLpPolicy {
     /// ticks predict the next ones best.
     pub decay: f64,
     tick_decay: f64,
-    hist: Vec<(f64, f64)>,
+    /// The cost-per-value histogram and the markup (cost charged over cost
+    /// predicted: GSP charges the next bid, which is above the least
+    /// winning cost for slots 1 and 2).
+    prices: PriceMemory,
     share: Vec<f64>,
     alpha: f64,
-    /// Cost actually charged and cost the histogram model predicted for the
-    /// same ticks (calibrates the model: GSP charges the next bid, which is
-    /// above the least winning cost for slots 1 and 2).
-    charged: f64,
-    predicted: f64,
 }
-
-const LP_BINS: usize = 600;
-const LP_LOG_MIN: f64 = -1.0;
-const LP_LOG_MAX: f64 = 5.0;
 
 impl Default for OnlineLpPolicy {
     fn default() -> Self {
@@ -242,26 +238,11 @@ impl Default for OnlineLpPolicy {
             exposure_rate: 0.8,
             decay: 0.85,
             tick_decay: 0.85,
-            hist: vec![(0.0, 0.0); LP_BINS],
+            prices: PriceMemory::new(48),
             share: Vec::new(),
             alpha: 0.0,
-            charged: 0.0,
-            predicted: 0.0,
         }
     }
-}
-
-fn lp_bin(cpv: f64) -> usize {
-    let x = (cpv.log10() - LP_LOG_MIN) / (LP_LOG_MAX - LP_LOG_MIN) * LP_BINS as f64;
-    if x.is_nan() || x < 0.0 {
-        0
-    } else {
-        (x as usize).min(LP_BINS - 1)
-    }
-}
-
-fn lp_bin_upper(b: usize) -> f64 {
-    10f64.powf(LP_LOG_MIN + (b + 1) as f64 * (LP_LOG_MAX - LP_LOG_MIN) / LP_BINS as f64)
 }
 
 impl Policy for OnlineLpPolicy {
@@ -269,12 +250,9 @@ impl Policy for OnlineLpPolicy {
         "onlinelp"
     }
     fn begin_day(&mut self, day: &DayContext<'_>) {
-        self.hist.clear();
-        self.hist.resize(LP_BINS, (0.0, 0.0));
+        self.prices = PriceMemory::with_rates(day.ticks, self.decay, self.exposure_rate);
         self.share = day.traffic_share.to_vec();
         self.alpha = day.cpa_target;
-        self.charged = 0.0;
-        self.predicted = 0.0;
         self.tick_decay = self.decay.powf(48.0 / day.ticks.max(1) as f64);
     }
     fn act(&mut self, obs: &Observation<'_>) -> f64 {
@@ -283,27 +261,8 @@ impl Policy for OnlineLpPolicy {
             self.alpha = obs.cpa_target.min(cap);
             return self.alpha;
         };
-        let mut predicted = 0.0;
-        for bin in &mut self.hist {
-            bin.0 *= self.tick_decay;
-            bin.1 *= self.tick_decay;
-        }
-        for (&p, &c) in last.pvalues.iter().zip(last.least_winning_cost) {
-            if self.alpha * p as f64 >= c as f64 {
-                predicted += c as f64 * self.exposure_rate;
-            }
-            if p > 0.0 && c > 0.0 {
-                let bin = &mut self.hist[lp_bin(c as f64 / p as f64)];
-                bin.0 += c as f64;
-                bin.1 += p as f64;
-            }
-        }
-        if last.cost > 0.0 {
-            self.charged += last.cost;
-            self.predicted += predicted;
-        }
-        // Prior: 10 units of cost at markup 1.
-        let markup = (self.charged + 10.0) / (self.predicted + 10.0);
+        self.prices.observe(&last, self.alpha);
+        let markup = self.prices.markup();
         // The traffic the decayed histogram stands for.
         let seen: f64 = self.share[..obs.tick.min(self.share.len())]
             .iter()
@@ -321,19 +280,19 @@ impl Policy for OnlineLpPolicy {
         let scale = rest / seen * self.exposure_rate * markup;
         let (mut bought, mut value) = (0.0, 0.0);
         let mut alpha = cap;
-        for (b, &(cost, v)) in self.hist.iter().enumerate() {
+        for (b, (cost, v)) in self.prices.bins().enumerate() {
             // Cost and value both accrue only on shown slots.
             if v > 0.0
                 && (bought + cost) * markup * self.exposure_rate > obs.cpa_target * (value + v)
             {
                 // Buying this bin would push the running CPA over the target.
-                alpha = lp_bin_upper(b.saturating_sub(1));
+                alpha = bin_upper(b.saturating_sub(1));
                 break;
             }
             bought += cost;
             value += v;
             if bought * scale >= obs.remaining {
-                alpha = lp_bin_upper(b);
+                alpha = bin_upper(b);
                 break;
             }
         }
