@@ -4,7 +4,8 @@
 //! ```sh
 //! cargo run --release --features cuda --example gpu_bench -- [--ads 1000000] [--queries 200]
 //!     [--threads N] [--batches 256,1024,4096,16384,65536] [--quick] [--json]
-//! cargo run --release --features cuda --example gpu_bench -- --tar [--calls 300] [--quick]
+//! cargo run --release --features cuda --example gpu_bench -- --tar [--calls 300] [--days 8]
+//!     [--weights DIR] [--quick]
 //! ```
 //!
 //! `--tar`: one decision = `GpuTarModel::generate` at batch 1 (default
@@ -13,6 +14,22 @@
 //! options), timed call by call after a warm-up, `TarModel::generate` on
 //! one CPU thread beside it; prints p50 / p99 and one JSON line per device,
 //! `{"policy":"tar","decision_ms_p50":..,"decision_ms_p99":..,"device":"cuda"|"cpu"}`.
+//!
+//! Then the *policy's* decision (issue 7's measure): `TarPolicy::act` as
+//! `examples/trajectory.rs` builds the policy (the shipped
+//! `tar-small.safetensors` and `tar-inverse-small.safetensors` from
+//! `--weights DIR`, default `weights/`; target efficiency the 0.9-quantile
+//! of 100 logged days, 10 with `--quick`; top-p 0.9, seed 1; sparse preset,
+//! 48 ticks, budget ratio 0.75), once planning on the CPU and once with
+//! `GpuTarModel` as its generator (`TarPolicy::with_generator`), over
+//! `--days` simulated days (default 8, 1 with `--quick`; the agent
+//! advertiser varies with the day as in `tar_eval`). The two policies see
+//! the same observations (the CPU policy's bids drive the day), each `act`
+//! timed; prints p50 / p99 per device as
+//! `{"policy":"tar","decision_ms_p50":..,"decision_ms_p99":..,"device":..,"what":"policy"}`
+//! and how far the GPU policy's bids are from the CPU's (largest relative
+//! difference, ticks more than 1e-3 apart: sampled codes may differ at
+//! near-boundary draws, after which that day's plans differ).
 //!
 //! Prints, in order: the device's floors (copy bandwidth, sgemm rates), a
 //! scoring sweep over batch sizes (CPU one thread beside the GPU, with the
@@ -37,8 +54,11 @@ use nann::cuda::{
     DevBuf, Exec, GpuBarScorer, GpuDevice, GpuOptions, GpuTarModel, GpuUserState, MatmulBackend,
     StepProfile,
 };
-use nann::tar::data::SplitMix;
+use nann::tar::data::{DataConfig, Dataset, SplitMix};
+use nann::tar::inverse::InverseDynamics;
 use nann::tar::model::{GenerateOptions, TarConfig, TarModel, STEP_FEATURES};
+use nann::tar::sim::{run_episode, DayContext, Observation, Policy, Preset, SimConfig};
+use nann::tar::TarPolicy;
 use nann::{BeamParams, CandidateBatch, Index, IndexParams, Metric, Scorer};
 
 struct Args {
@@ -50,6 +70,8 @@ struct Args {
     quick: bool,
     tar: bool,
     calls: usize,
+    days: Option<u64>,
+    weights: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -63,6 +85,8 @@ fn parse_args() -> Result<Args, String> {
         quick: false,
         tar: false,
         calls: 300,
+        days: None,
+        weights: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -85,14 +109,18 @@ fn parse_args() -> Result<Args, String> {
             "--quick" => args.quick = true,
             "--tar" => args.tar = true,
             "--calls" => args.calls = value()?.parse().map_err(|e| format!("--calls: {e}"))?,
+            "--days" => {
+                args.days = Some(value()?.parse().map_err(|e| format!("--days: {e}"))?);
+            }
+            "--weights" => args.weights = Some(value()?),
             other => return Err(format!("unknown flag {other}")),
         }
     }
     if args.batches.is_empty() || args.batches.contains(&0) || args.ads == 0 || args.threads == 0 {
         return Err("batches, ads and threads must be positive".into());
     }
-    if args.calls == 0 {
-        return Err("--calls must be positive".into());
+    if args.calls == 0 || args.days == Some(0) {
+        return Err("--calls and --days must be positive".into());
     }
     Ok(args)
 }
@@ -731,6 +759,7 @@ fn tar_bench(dev: &Arc<GpuDevice>, args: &Args) {
             .unwrap_or_else(|e| fail(e));
         assert_eq!(g.x_hat.len(), config.steps * STEP_FEATURES);
     });
+    let policy = policy_bench(dev, args);
     println!("\n== TAR summary (one decision = one generation at batch 1)");
     println!("{:<28} {:>12} {:>12}", "device", "p50 ms", "p99 ms");
     println!(
@@ -742,5 +771,201 @@ fn tar_bench(dev: &Arc<GpuDevice>, args: &Args) {
         println!(
             "{{\"policy\":\"tar\",\"decision_ms_p50\":{p50:.4},\"decision_ms_p99\":{p99:.4},\"device\":\"{device}\"}}"
         );
+    }
+    policy.print(dev);
+}
+
+/// Where the policy's shipped weights are: `--weights DIR`, else
+/// `weights/` if it holds them, else the source tree's.
+fn weights_dir(args: &Args) -> String {
+    if let Some(dir) = &args.weights {
+        return dir.clone();
+    }
+    let here = "weights";
+    if std::path::Path::new(here)
+        .join("tar-small.safetensors")
+        .exists()
+    {
+        here.into()
+    } else {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/weights").into()
+    }
+}
+
+/// Times every decision of two TAR policies answering the same
+/// observations: `cpu` bids (its bids drive the day), `gpu` answers beside
+/// it; records both bids (in CPA targets).
+struct Paired {
+    cpu: TarPolicy,
+    gpu: TarPolicy,
+    cpa: f64,
+    cpu_ms: Vec<f64>,
+    gpu_ms: Vec<f64>,
+    bids: Vec<(f64, f64)>,
+}
+
+impl Policy for Paired {
+    fn name(&self) -> &str {
+        "tar"
+    }
+    fn begin_day(&mut self, day: &DayContext<'_>) {
+        self.cpa = day.cpa_target;
+        self.cpu.begin_day(day);
+        self.gpu.begin_day(day);
+    }
+    fn act(&mut self, obs: &Observation<'_>) -> f64 {
+        let t = Instant::now();
+        let c = self.cpu.act(obs);
+        self.cpu_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let g = self.gpu.act(obs);
+        self.gpu_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        self.bids.push((c / self.cpa, g / self.cpa));
+        c
+    }
+}
+
+/// The policy-level measure of `--tar` (see the module docs).
+struct PolicyReport {
+    days: u64,
+    weights: String,
+    target: f32,
+    /// `(p50, p99)` ms per device.
+    gpu: (f64, f64),
+    cpu: (f64, f64),
+    ticks: usize,
+    max_rel: f64,
+    over: usize,
+    errors: (u64, u64),
+}
+
+impl PolicyReport {
+    fn print(&self, dev: &GpuDevice) {
+        println!(
+            "\n== TAR policy decision (TarPolicy::act as examples/trajectory.rs builds it: \
+             weights from {}/, inverse dynamics, target {:.3}; days: {} x 48 ticks)",
+            self.weights, self.target, self.days
+        );
+        println!("{:<28} {:>12} {:>12}", "device", "p50 ms", "p99 ms");
+        println!(
+            "{:<28} {:>12.3} {:>12.3}",
+            format!("cuda ({})", dev.name()),
+            self.gpu.0,
+            self.gpu.1
+        );
+        println!(
+            "{:<28} {:>12.3} {:>12.3}",
+            "cpu (1 thread)", self.cpu.0, self.cpu.1
+        );
+        println!(
+            "bids, cuda vs cpu policy: {} ticks, max relative difference {:.3e}, {} ticks \
+             differ by more than 1e-3 (sampled codes may differ at near-boundary draws); \
+             fallback decisions cpu {} / cuda {}",
+            self.ticks, self.max_rel, self.over, self.errors.0, self.errors.1
+        );
+        for (device, (p50, p99)) in [("cuda", self.gpu), ("cpu", self.cpu)] {
+            println!(
+                "{{\"policy\":\"tar\",\"decision_ms_p50\":{p50:.4},\"decision_ms_p99\":{p99:.4},\"device\":\"{device}\",\"what\":\"policy\"}}"
+            );
+        }
+        println!(
+            "{{\"policy\":\"tar\",\"what\":\"policy_bids\",\"ticks\":{},\"max_rel_diff\":{:.3e},\"ticks_over_1e-3\":{},\"errors_cpu\":{},\"errors_cuda\":{}}}",
+            self.ticks, self.max_rel, self.over, self.errors.0, self.errors.1
+        );
+    }
+}
+
+/// `--tar`, the policy's decision: the shipped weights, the policy of
+/// examples/trajectory.rs planning on the CPU and on the device, played
+/// side by side over simulated days.
+fn policy_bench(dev: &Arc<GpuDevice>, args: &Args) -> PolicyReport {
+    let dir = weights_dir(args);
+    let (tar_file, inverse_file) = (
+        format!("{dir}/tar-small.safetensors"),
+        format!("{dir}/tar-inverse-small.safetensors"),
+    );
+    let model = TarModel::load(&tar_file).unwrap_or_else(|e| {
+        fail(format!(
+            "cannot load the TAR weights {tar_file}: {e} (pass --weights DIR)"
+        ))
+    });
+    let inverse = InverseDynamics::load(&inverse_file).unwrap_or_else(|e| {
+        fail(format!(
+            "cannot load the inverse-dynamics weights {inverse_file}: {e} (pass --weights DIR)"
+        ))
+    });
+    let (model, inverse) = (Arc::new(model), Arc::new(inverse));
+    let gpu = Arc::new(GpuTarModel::new(&model, Arc::clone(dev)).unwrap_or_else(|e| fail(e)));
+    let days = args.days.unwrap_or(if args.quick { 1 } else { 8 });
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // examples/trajectory.rs's day and target.
+    let sim = SimConfig::preset(Preset::Sparse)
+        .with_ticks(48)
+        .with_budget_ratio(0.75);
+    let pvs_per_tick = sim.pvs_per_day as f64 / sim.ticks as f64;
+    let target_days = if args.quick { 10 } else { 100 };
+    let log = Dataset::collect(
+        &sim.clone().with_agent(0).with_budget_ratio(1.0),
+        &DataConfig {
+            episodes: target_days,
+            first_seed: 0,
+            threads,
+            ..DataConfig::default()
+        },
+    )
+    .unwrap_or_else(|e| fail(e));
+    let target = log.attribute_quantile(0, 0.9);
+    let policy = || {
+        TarPolicy::new(Arc::clone(&model), target, pvs_per_tick)
+            .with_options(GenerateOptions {
+                top_p: 0.9,
+                ..GenerateOptions::default()
+            })
+            .with_seed(1)
+            .with_inverse_dynamics(Arc::clone(&inverse))
+    };
+    println!(
+        "\nTAR policy: {tar_file} ({} parameters) and {inverse_file}; target efficiency {target:.3} \
+         (the 0.9-quantile of {target_days} logged days); days: {days}",
+        model.parameter_count()
+    );
+    let mut paired = Paired {
+        cpu: policy(),
+        gpu: policy().with_generator(gpu.clone()),
+        cpa: 1.0,
+        cpu_ms: Vec::new(),
+        gpu_ms: Vec::new(),
+        bids: Vec::new(),
+    };
+    // Warm-up: the device's first generations (and the CPU's caches).
+    let warm = model.condition(Some(&[target, 0.95, 0.95, 3.5]));
+    let mut rng = SplitMix::new(1);
+    for _ in 0..if args.quick { 2 } else { 20 } {
+        gpu.generate(&warm, &[], &GenerateOptions::default(), &mut rng)
+            .unwrap_or_else(|e| fail(e));
+    }
+    for day in 0..days {
+        let config = sim.clone().with_agent(((day * 7) % 48) as usize);
+        run_episode(&config, 1_000_000 + day, &mut paired).unwrap_or_else(|e| fail(e));
+    }
+    let quantiles = |mut ms: Vec<f64>| {
+        ms.sort_by(f64::total_cmp);
+        (percentile(&ms, 50.0), percentile(&ms, 99.0))
+    };
+    let rel: Vec<f64> = paired
+        .bids
+        .iter()
+        .map(|&(c, g)| (g - c).abs() / c.abs().max(g.abs()).max(1e-3))
+        .collect();
+    PolicyReport {
+        days,
+        weights: dir,
+        target,
+        gpu: quantiles(std::mem::take(&mut paired.gpu_ms)),
+        cpu: quantiles(std::mem::take(&mut paired.cpu_ms)),
+        ticks: rel.len(),
+        max_rel: rel.iter().copied().fold(0.0, f64::max),
+        over: rel.iter().filter(|&&e| e > 1e-3).count(),
+        errors: (paired.cpu.errors(), paired.gpu.errors()),
     }
 }

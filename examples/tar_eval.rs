@@ -29,7 +29,11 @@
 //! `--ratios`, `--policies`, `--presets`, `--eval-days`, `--threads`,
 //! `--variants` (train or load only these of `dt,tar,tar_k1,tar_no_vq`),
 //! `--constant F1,F2` (diagnostic: also play `constant_F` policies bidding
-//! `F x CPA` all day).
+//! `F x CPA` all day), `--device cpu|cuda` (where every TAR variant's
+//! policies generate their plans: default `cpu`; `cuda` needs feature
+//! `cuda` and a device, and plans with `nann::cuda::GpuTarModel` through
+//! `TarPolicy::with_generator`, one device shared by all variants; the
+//! other policies stay on the CPU and their latency lines say so).
 //! stderr also has each cell's mean spend / budget and CPA / target.
 //!
 //! `--json` prints one object per line: `{"policy","preset","budget_ratio",
@@ -44,7 +48,7 @@ use std::time::Instant;
 use nann::tar::data::{DataConfig, Dataset};
 use nann::tar::dt::{day_return_quantile, DtConfig, DtModel, DtPolicy};
 use nann::tar::inverse::InverseDynamics;
-use nann::tar::model::{GenerateOptions, TarConfig, TarModel};
+use nann::tar::model::{GenerateOptions, PlanGenerator, TarConfig, TarModel};
 use nann::tar::sim::{
     mean_ci95, run_episode, ConstantPolicy, OnlineLpPolicy, PidPolicy, Policy, Preset, SimConfig,
 };
@@ -84,6 +88,7 @@ struct Args {
     policies: Option<Vec<String>>,
     variants: Option<Vec<String>>,
     constant: Vec<f64>,
+    cuda: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -115,6 +120,7 @@ fn parse() -> Result<Args, String> {
         policies: None,
         variants: None,
         constant: Vec::new(),
+        cuda: false,
     };
     let mut i = 0;
     while i < raw.len() {
@@ -145,25 +151,29 @@ fn parse() -> Result<Args, String> {
             "--target-quantile" => args.target_quantile = num(&value()?)?,
             "--top-p" => args.top_p = num(&value()?)?,
             "--guidance" => args.guidance = num(&value()?)?,
-            "--inverse" => args.inverse = match value()?.as_str() {
-                "on" => true,
-                "off" => false,
-                "market" => {
-                    args.market = Some(MarketReading::NextTick);
-                    true
-                }
-                "market-day" => {
-                    args.market = Some(MarketReading::RestOfDay { cpa_guard: false });
-                    true
-                }
-                "market-day-guard" => {
-                    args.market = Some(MarketReading::RestOfDay { cpa_guard: true });
-                    true
-                }
-                other => return Err(format!(
+            "--inverse" => {
+                args.inverse = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    "market" => {
+                        args.market = Some(MarketReading::NextTick);
+                        true
+                    }
+                    "market-day" => {
+                        args.market = Some(MarketReading::RestOfDay { cpa_guard: false });
+                        true
+                    }
+                    "market-day-guard" => {
+                        args.market = Some(MarketReading::RestOfDay { cpa_guard: true });
+                        true
+                    }
+                    other => {
+                        return Err(format!(
                     "--inverse takes on, off, market, market-day or market-day-guard, not {other}"
-                )),
-            },
+                ))
+                    }
+                }
+            }
             "--spend" => args.spend = num(&value()?)?,
             "--max-action" => args.max_action = num(&value()?)?,
             "--cpa-ratio" => args.cpa_ratio = num(&value()?)?,
@@ -178,6 +188,13 @@ fn parse() -> Result<Args, String> {
             "--variants" => args.variants = Some(value()?.split(',').map(String::from).collect()),
             "--constant" => {
                 args.constant = value()?.split(',').map(num).collect::<Result<_, _>>()?
+            }
+            "--device" => {
+                args.cuda = match value()?.as_str() {
+                    "cpu" => false,
+                    "cuda" => true,
+                    other => return Err(format!("--device takes cpu or cuda, not {other}")),
+                }
             }
             other => return Err(format!("unknown flag `{other}`")),
         }
@@ -290,15 +307,74 @@ fn latency(sim: &SimConfig, make: &Factory, days: u64) -> Result<(f64, f64), Str
     Ok((q(0.5), q(0.99)))
 }
 
+/// `--device`: where the TAR variants' policies generate their plans.
+struct Planner {
+    #[cfg(feature = "cuda")]
+    dev: Option<Arc<nann::cuda::GpuDevice>>,
+}
+
+impl Planner {
+    /// The CPU, or with `cuda` the first CUDA device; without one (or
+    /// without the feature) says why and exits with status 2.
+    fn new(cuda: bool) -> Self {
+        #[cfg(feature = "cuda")]
+        let dev = cuda.then(|| match nann::cuda::GpuDevice::get(0) {
+            Ok(dev) => dev,
+            Err(e) => {
+                match e {
+                    nann::cuda::CudaError::NoDevice(_) => eprintln!("tar_eval: --device cuda: {e}"),
+                    _ => eprintln!("tar_eval: --device cuda: CUDA is not usable: {e}"),
+                }
+                std::process::exit(2)
+            }
+        });
+        #[cfg(not(feature = "cuda"))]
+        if cuda {
+            eprintln!(
+                "tar_eval: --device cuda needs the `cuda` feature: cargo run --release \
+                 --features train,cuda --example tar_eval -- --device cuda"
+            );
+            std::process::exit(2)
+        }
+        Self {
+            #[cfg(feature = "cuda")]
+            dev,
+        }
+    }
+
+    /// `"cpu"` or `"cuda"`.
+    fn device(&self) -> &'static str {
+        #[cfg(feature = "cuda")]
+        if self.dev.is_some() {
+            return "cuda";
+        }
+        "cpu"
+    }
+
+    /// The generator for `model`'s policies: `None` plans on the CPU.
+    fn generator(&self, model: &TarModel) -> Result<Option<Arc<dyn PlanGenerator>>, String> {
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = &self.dev {
+            let gpu = nann::cuda::GpuTarModel::new(model, Arc::clone(dev))
+                .map_err(|e| format!("uploading the TAR model to the device: {e}"))?;
+            return Ok(Some(Arc::new(gpu)));
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = model;
+        Ok(None)
+    }
+}
+
 fn main() -> Result<(), Box<dyn Error>> {
     let args = parse()?;
+    let planner = Planner::new(args.cuda);
     // candle's matrix products spin up a thread pool per call; on a small
     // machine, several single-threaded trainings side by side are faster.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
     let started = Instant::now();
-    let mut latencies: Vec<(String, f64, f64)> = Vec::new();
+    let mut latencies: Vec<(String, f64, f64, &str)> = Vec::new();
     if !args.json {
         println!(
             "{} test days per cell (seeds {TEST_SEED}+, agent varies), trained on {} days",
@@ -516,6 +592,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 std::fs::create_dir_all(dir)?;
                 model.save(format!("{dir}/{name}-{}.safetensors", preset.name()))?;
             }
+            let generator = planner.generator(&model)?;
             let model = Arc::new(model);
             let options = GenerateOptions {
                 top_p: args.top_p,
@@ -541,6 +618,9 @@ fn main() -> Result<(), Box<dyn Error>> {
                     }
                     if let Some(reading) = market {
                         policy = policy.with_market_reading(reading, ticks);
+                    }
+                    if let Some(generator) = &generator {
+                        policy = policy.with_generator(generator.clone());
                     }
                     Box::new(policy) as Box<dyn Policy + Send>
                 }),
@@ -606,17 +686,27 @@ fn main() -> Result<(), Box<dyn Error>> {
         if preset == args.presets[0] {
             for (name, make) in &factories {
                 let (p50, p99) = latency(&sim, make, 4.min(args.eval_days.max(1)))?;
-                latencies.push((name.clone(), p50, p99));
+                let device = if variants.iter().any(|(v, _)| v == name) {
+                    planner.device()
+                } else {
+                    "cpu"
+                };
+                latencies.push((name.clone(), p50, p99, device));
             }
         }
     }
-    for (name, p50, p99) in &latencies {
+    for (name, p50, p99, device) in &latencies {
         if args.json {
             println!(
-                "{{\"policy\":\"{name}\",\"decision_ms_p50\":{p50:.4},\"decision_ms_p99\":{p99:.4},\"device\":\"cpu\"}}"
+                "{{\"policy\":\"{name}\",\"decision_ms_p50\":{p50:.4},\"decision_ms_p99\":{p99:.4},\"device\":\"{device}\"}}"
             );
         } else {
-            println!("{name:<10} decision p50 {p50:.3} ms, p99 {p99:.3} ms (cpu, 1 thread)");
+            let on = if *device == "cpu" {
+                "cpu, 1 thread"
+            } else {
+                device
+            };
+            println!("{name:<10} decision p50 {p50:.3} ms, p99 {p99:.3} ms ({on})");
         }
     }
     eprintln!("wall time {:.1} s", started.elapsed().as_secs_f64());

@@ -4,7 +4,8 @@
 # CPU reference: tests/cuda_parity.rs, BAR and TAR; plus
 # tests/cuda_compile.rs), then the GPU benchmark (examples/gpu_bench.rs: BAR
 # scoring and search, then `--tar`, the TAR model's decision latency at
-# batch 1 beside the CPU), and prints a short table last.
+# batch 1 beside the CPU: one generation, then the TarPolicy's decision with
+# the shipped weights in weights/), and prints a short table last.
 #
 #   bash scripts/gpu-check.sh [--tests-only | --bench-only] [-- BENCH ARGS]
 #       e.g. -- --ads 1000000 --queries 200     (the bench's defaults)
@@ -97,8 +98,11 @@ for line in open(sys.argv[1]):
         print("packaged", m["target"]["name"])
 PY
   # One binary for both benchmarks (BAR, and --tar: random TAR weights made
-  # in the binary, no file to carry).
+  # in the binary for one generation; the policy's decision loads the
+  # shipped TAR and inverse-dynamics weights, carried in DIR/weights).
   cp "$CARGO_TARGET_DIR/release/examples/gpu_bench" "$PACKAGE/gpu_bench"
+  mkdir -p "$PACKAGE/weights"
+  cp weights/tar-small.safetensors weights/tar-inverse-small.safetensors "$PACKAGE/weights/"
   # Without debug info the three binaries fit a small carry (the release
   # profile keeps line tables).
   for b in cuda_compile cuda_parity gpu_bench; do strip --strip-debug "$PACKAGE/$b" 2>/dev/null || true; done
@@ -135,6 +139,8 @@ if [ "$MODE" != tests ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
   TAR_ARGS=(--tar)
   for a in "${BENCH_ARGS[@]}"; do [ "$a" = --quick ] && TAR_ARGS+=(--quick); done
+  # The policy's decision reads the shipped weights (carried by --package).
+  [ -n "$PREBUILT" ] && TAR_ARGS+=(--weights "$PREBUILT/weights")
   echo "== TAR decision latency (examples/gpu_bench.rs ${TAR_ARGS[*]})"
   if [ -n "$PREBUILT" ]; then
     "$PREBUILT/gpu_bench" "${TAR_ARGS[@]}" 2>&1 | tee "$LOG/tar.txt"
@@ -156,6 +162,8 @@ if [ -f "$LOG/bench.txt" ]; then
   sed -n '/^== summary/,$p' "$LOG/bench.txt"
 fi
 if [ -f "$LOG/tar.txt" ]; then
+  # One generation, then the policy's decision (`"what":"policy"` lines)
+  # and how far its GPU bids are from the CPU's.
   echo
   sed -n '/^== TAR summary/,$p' "$LOG/tar.txt"
 fi

@@ -71,7 +71,9 @@ use super::error::CudaError;
 use super::memory::{DevBuf, Mat};
 use super::ops::{Exec, MatmulBackend};
 use crate::tar::data::SplitMix;
-use crate::tar::model::{GenerateOptions, Generated, Quantized, TarConfig, TarError, TarModel};
+use crate::tar::model::{
+    GenerateOptions, Generated, PlanGenerator, Quantized, TarConfig, TarError, TarModel,
+};
 
 /// Threads per block of the grid-stride kernels.
 const BLOCK: u32 = 256;
@@ -1164,6 +1166,9 @@ pub struct GpuTarOptions {
 /// `Sync`: each call takes a workspace (its own stream and buffers) from a
 /// pool, or makes one, so concurrent calls run on concurrent streams.
 ///
+/// A [`PlanGenerator`]: a [`TarPolicy`](crate::tar::TarPolicy) plans with
+/// it through [`with_generator`](crate::tar::TarPolicy::with_generator).
+///
 /// ```no_run
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use nann::cuda::{GpuDevice, GpuTarModel};
@@ -1913,6 +1918,49 @@ impl GpuTarModel {
     }
 }
 
+/// The CUDA generator as a [`PlanGenerator`], for
+/// [`TarPolicy::with_generator`](crate::tar::TarPolicy::with_generator):
+/// [`GpuTarModel::generate`], with the CPU model's input checks run first
+/// so a rejected input is the same [`TarError::Input`] as the CPU's, and
+/// every device failure a [`TarError::Backend`] (`"cuda"`).
+impl PlanGenerator for GpuTarModel {
+    fn backend(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn config(&self) -> &TarConfig {
+        &self.config
+    }
+
+    fn generate(
+        &self,
+        y: &[f32],
+        history: &[f32],
+        opts: &GenerateOptions,
+        rng: &mut SplitMix,
+    ) -> Result<Generated, TarError> {
+        opts.validate()?;
+        crate::tar::model::check_condition(&self.config, y, history)?;
+        GpuTarModel::generate(self, y, history, opts, rng).map_err(to_tar)
+    }
+}
+
+/// A failed CUDA generation as a [`TarError::Backend`]; device failures
+/// say where the same plans can be had.
+fn to_tar(e: CudaError) -> TarError {
+    let hint = match e {
+        CudaError::Invalid(_) | CudaError::Shape { .. } | CudaError::Model(_) => "",
+        _ => {
+            "; the CPU model generates the same plans (TarPolicy without \
+             with_generator, or TarModel::generate)"
+        }
+    };
+    TarError::Backend {
+        backend: "cuda",
+        message: format!("{e}{hint}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1939,6 +1987,21 @@ mod tests {
             );
         }
         assert!(src.contains(&format!("#define TAR_LN_EPS {LN_EPS:e}f")));
+    }
+
+    #[test]
+    fn device_failures_are_backend_errors_with_a_way_out() {
+        let e = to_tar(CudaError::Driver("out of memory".into()));
+        assert!(
+            matches!(&e, TarError::Backend { backend: "cuda", message }
+                if message.contains("out of memory") && message.contains("CPU model")),
+            "{e}"
+        );
+        let e = to_tar(CudaError::Invalid("y: 2 values".into()));
+        assert!(
+            matches!(&e, TarError::Backend { message, .. } if !message.contains("CPU model")),
+            "{e}"
+        );
     }
 
     #[test]

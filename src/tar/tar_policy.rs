@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use super::data::{step_features, SplitMix};
 use super::inverse::InverseDynamics;
-use super::model::{GenerateOptions, TarModel, ACTION_SLOT, STEP_FEATURES};
+use super::model::{GenerateOptions, Matched, PlanGenerator, TarModel, ACTION_SLOT, STEP_FEATURES};
 use super::sim::{DayContext, Observation, Policy, PriceMemory};
 
 /// Default bid cap, in CPA targets: [`OnlineLpPolicy`](super::sim::OnlineLpPolicy)'s,
@@ -64,6 +64,9 @@ pub enum MarketReading {
 pub struct TarPolicy {
     name: String,
     model: Arc<TarModel>,
+    /// Generates the plans: `model` itself unless
+    /// [`with_generator`](Self::with_generator) replaced it.
+    generator: Arc<dyn PlanGenerator>,
     inverse: Option<Arc<InverseDynamics>>,
     market: Option<(PriceMemory, MarketReading)>,
     share: Vec<f64>,
@@ -95,6 +98,7 @@ impl TarPolicy {
     pub fn new(model: Arc<TarModel>, target_efficiency: f32, pvs_per_tick: f64) -> Self {
         Self {
             name: "tar".into(),
+            generator: model.clone(),
             model,
             inverse: None,
             market: None,
@@ -158,6 +162,21 @@ impl TarPolicy {
         self
     }
 
+    /// Generates the plans with `generator` instead of the CPU model, e.g.
+    /// `nann::cuda::GpuTarModel` (feature `cuda`) for issue 7's latency;
+    /// everything else (normalisation, the condition, the configuration)
+    /// stays the model's. Contract: `generator` holds the policy's own
+    /// model (built from it, e.g. `GpuTarModel::new(&model, device)`), so it
+    /// plans as the CPU would, up to its rounding. One built from a model
+    /// of another configuration is not refused here: every decision then
+    /// fails with [`TarError::Backend`](super::model::TarError::Backend)
+    /// and bids the fallback, counted by [`errors`](Self::errors), as does
+    /// a decision whose generation fails (a device error).
+    pub fn with_generator(mut self, generator: Arc<dyn PlanGenerator>) -> Self {
+        self.generator = Arc::new(Matched::new(generator, self.model.config()));
+        self
+    }
+
     /// Sets the sampling options.
     pub fn with_options(mut self, options: GenerateOptions) -> Self {
         self.options = options;
@@ -209,7 +228,7 @@ impl TarPolicy {
             |x_hat: &[f32], r: usize| self.model.denormalize_step(&x_hat[r * f..(r + 1) * f]);
         for _ in 0..self.samples {
             let g = self
-                .model
+                .generator
                 .generate(&y, &history, &self.options, &mut self.rng)?;
             let step = plan_row(&g.x_hat, row)?;
             let action = match rows.checked_sub(1) {

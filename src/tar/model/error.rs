@@ -63,4 +63,17 @@ pub enum TarError {
         /// What is wrong and what is accepted.
         message: String,
     },
+    /// A [`PlanGenerator`](super::PlanGenerator) other than the CPU model
+    /// failed (e.g. a CUDA driver error of `nann::cuda::GpuTarModel`), or
+    /// does not fit the model it stands in for (built from a model of
+    /// another configuration). The message says which and what to do;
+    /// the CPU model ([`TarModel`](super::TarModel)) generates the same
+    /// plans.
+    #[error("{backend} plan generator: {message}")]
+    Backend {
+        /// Where the generator runs (`"cuda"`).
+        backend: &'static str,
+        /// What failed, and what to do about it.
+        message: String,
+    },
 }

@@ -14,7 +14,9 @@
 //!
 //! This module is the CPU inference and the reference the trainer
 //! (`nann::tar::train`, feature `train`) is checked against; the equations
-//! below are the contract both implement.
+//! below are the contract both implement. [`PlanGenerator`] is generation
+//! behind a trait, so a bidder can run it on the CPU or, with feature
+//! `cuda`, on a GPU (`nann::cuda::GpuTarModel`).
 //!
 //! # Data flow
 //!
@@ -114,6 +116,7 @@ mod error;
 mod generator;
 mod inference;
 mod nn;
+mod plan_generator;
 mod sample;
 mod weights;
 
@@ -122,3 +125,5 @@ pub use error::TarError;
 #[cfg(feature = "cuda")]
 pub(crate) use inference::{check_condition, check_matrix};
 pub use inference::{GenerateOptions, Generated, Quantized, TarModel};
+pub(crate) use plan_generator::Matched;
+pub use plan_generator::PlanGenerator;
