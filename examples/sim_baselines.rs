@@ -4,17 +4,25 @@
 //! the agent over several days with a 95% confidence interval, and the
 //! policy's latency per decision.
 //!
+//! With `--replay` the same cells run in offline replay mode
+//! (`nann::tar::sim::run_replay`, AuctionNet's offline evaluation): each
+//! day's market is logged once as advertiser 0 saw it in the live day, and
+//! every policy and budget ratio is replayed against those logs (win iff
+//! bid >= least winning cost, pay it, every win shown); JSON lines then
+//! carry `"mode":"replay"`.
+//!
 //! ```sh
 //! cargo run --release --example sim_baselines            # table
 //! cargo run --release --example sim_baselines -- --json  # one object per line
 //! cargo run --release --example sim_baselines -- --days 20 --delayed-ticks 48
+//! cargo run --release --example sim_baselines -- --replay --json
 //! ```
 
 use std::time::{Duration, Instant};
 
 use nann::tar::sim::{
-    evaluate, ConstantPolicy, DayContext, Observation, OnlineLpPolicy, PidPolicy, Policy, Preset,
-    SimConfig, SimError,
+    evaluate, evaluate_replay, ConstantPolicy, DayContext, MarketLog, Observation, OnlineLpPolicy,
+    PidPolicy, Policy, Preset, SimConfig, SimError,
 };
 
 /// Wraps a policy and times its decisions.
@@ -40,18 +48,24 @@ impl<P: Policy> Policy for Timed<P> {
     }
 }
 
+/// Scores `policy` on the live days `1000..1000 + days`, or, given `logs`,
+/// replayed on them.
 fn run<P: Policy>(
     config: &SimConfig,
     policy: P,
     days: u64,
+    logs: Option<&[MarketLog]>,
 ) -> Result<(f64, f64, f64, f64), SimError> {
     let mut timed = Timed {
         inner: policy,
         elapsed: Duration::ZERO,
         decisions: 0,
     };
-    // Seeds from 1000: days the tests do not use.
-    let eval = evaluate(config, &mut timed, 1000..1000 + days)?;
+    let eval = match logs {
+        Some(logs) => evaluate_replay(config, logs, &mut timed)?,
+        // Seeds from 1000: days the tests do not use.
+        None => evaluate(config, &mut timed, 1000..1000 + days)?,
+    };
     let us = timed.elapsed.as_secs_f64() * 1e6 / timed.decisions.max(1) as f64;
     Ok((eval.mean, eval.ci95, eval.mean_spend_ratio, us))
 }
@@ -59,6 +73,7 @@ fn run<P: Policy>(
 fn main() -> Result<(), SimError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let json = args.iter().any(|a| a == "--json");
+    let replay = args.iter().any(|a| a == "--replay");
     let value = |name: &str| {
         args.iter()
             .position(|a| a == name)
@@ -78,30 +93,56 @@ fn main() -> Result<(), SimError> {
             "agent = advertiser 0 of 48, {days} days per cell, 50k PVs a day, \
              {ticks} ticks a day (sparse), {delayed_ticks} (delayed, mean delay 2 h)"
         );
+        if replay {
+            println!(
+                "offline replay: each day's market as advertiser 0 saw it live, \
+                 win iff bid >= least winning cost, pay it, every win shown"
+            );
+        }
         println!(
             "{:<9} {:<8} {:>5}  {:>15}  {:>6}  {:>9}",
             "policy", "preset", "ratio", "score ± ci95", "spend", "µs/decision"
         );
     }
+    let mode = if replay { "\"mode\":\"replay\"," } else { "" };
     for preset in [Preset::Sparse, Preset::Delayed] {
+        let t = if preset == Preset::Delayed {
+            delayed_ticks
+        } else {
+            ticks
+        };
+        // Replay: the days' markets, logged once, serve every ratio and
+        // policy (the log is of the day at budget ratio 1).
+        let logs = if replay {
+            let day = SimConfig::preset(preset).with_ticks(t);
+            Some(
+                (1000..1000 + days)
+                    .map(|seed| MarketLog::record(&day, seed))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        } else {
+            None
+        };
+        let logs = logs.as_deref();
         for &ratio in &ratios {
-            let t = if preset == Preset::Delayed {
-                delayed_ticks
-            } else {
-                ticks
-            };
             let config = SimConfig::preset(preset)
                 .with_ticks(t)
                 .with_budget_ratio(ratio);
             let rows = [
-                ("pid", run(&config, PidPolicy::default(), days)?),
-                ("onlinelp", run(&config, OnlineLpPolicy::default(), days)?),
-                ("constant", run(&config, ConstantPolicy::default(), days)?),
+                ("pid", run(&config, PidPolicy::default(), days, logs)?),
+                (
+                    "onlinelp",
+                    run(&config, OnlineLpPolicy::default(), days, logs)?,
+                ),
+                (
+                    "constant",
+                    run(&config, ConstantPolicy::default(), days, logs)?,
+                ),
             ];
             for (name, (score, ci, spend, us)) in rows {
                 if json {
                     println!(
-                        "{{\"policy\":\"{name}\",\"preset\":\"{}\",\"budget_ratio\":{ratio},\"score\":{score:.4},\"ci95\":{ci:.4}}}",
+                        "{{\"policy\":\"{name}\",\"preset\":\"{}\",{mode}\"budget_ratio\":{ratio},\"score\":{score:.4},\"ci95\":{ci:.4}}}",
                         preset.name()
                     );
                 } else {

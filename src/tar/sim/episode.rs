@@ -2,9 +2,10 @@
 
 use super::auction::{exposed, Gsp, SLOTS};
 use super::config::{SimConfig, SimError};
+use super::ledger::{Ledger, TickOutcome};
 use super::market::{Market, TickTraffic};
-use super::policy::{DayContext, Observation, Policy, PopulationPolicy, TickFeedback};
-use super::records::{score, StepRecord, StepState, TickStats};
+use super::policy::{Policy, PopulationPolicy};
+use super::records::StepRecord;
 use super::rng::{kind, Rng};
 
 /// Below this budget left an advertiser stops bidding (AuctionNet: 0.1).
@@ -75,6 +76,33 @@ pub fn run_episode(
     seed: u64,
     agent: &mut dyn Policy,
 ) -> Result<EpisodeLog, SimError> {
+    run_agent_observed(config, seed, agent, &mut |_, _, _| {})
+}
+
+/// Runs the day of `seed` with one policy per advertiser (`policies[i]`
+/// bids for advertiser `i`).
+pub fn run_episode_with(
+    config: &SimConfig,
+    seed: u64,
+    policies: &mut [&mut dyn Policy],
+) -> Result<EpisodeLog, SimError> {
+    run_observed(config, seed, policies, &mut |_, _, _| {})
+}
+
+/// Reads each tick's market once its auctions are final: `(tick, traffic,
+/// least winning costs)`, with `lwc[i * traffic.n + j]` advertiser `i`'s
+/// least winning cost of PV `j`. The offline replay's log
+/// ([`MarketLog`](super::MarketLog)) is recorded through it; it only
+/// reads, so an observed day is the same day.
+pub(super) type TickObserver<'o> = dyn FnMut(usize, &TickTraffic, &[f32]) + 'o;
+
+/// [`run_episode`] with a [`TickObserver`].
+pub(super) fn run_agent_observed(
+    config: &SimConfig,
+    seed: u64,
+    agent: &mut dyn Policy,
+    observe: &mut TickObserver<'_>,
+) -> Result<EpisodeLog, SimError> {
     config.validate()?;
     let mut population: Vec<PopulationPolicy> = (0..config.advertisers())
         .map(|_| PopulationPolicy::new(seed))
@@ -90,15 +118,15 @@ pub fn run_episode(
         }
         policies.push(p);
     }
-    run_episode_with(config, seed, &mut policies)
+    run_observed(config, seed, &mut policies, observe)
 }
 
-/// Runs the day of `seed` with one policy per advertiser (`policies[i]`
-/// bids for advertiser `i`).
-pub fn run_episode_with(
+/// [`run_episode_with`] with a [`TickObserver`].
+fn run_observed(
     config: &SimConfig,
     seed: u64,
     policies: &mut [&mut dyn Policy],
+    observe: &mut TickObserver<'_>,
 ) -> Result<EpisodeLog, SimError> {
     let market = Market::generate(config, seed)?;
     let n_adv = config.advertisers();
@@ -108,7 +136,37 @@ pub fn run_episode_with(
             found: policies.len(),
         });
     }
-    Day::new(config, &market, seed).run(policies)
+    Day::new(config, &market, seed).run(policies, observe)
+}
+
+/// The over-spend rule's withdrawal (AuctionNet), shared by the live day
+/// and the replay: when an advertiser's tick cost `cost` exceeds its budget
+/// left `remaining`, a random `ceil(f x w)` (at least one) of its `w`
+/// `charged` PVs, `f = (cost - remaining) / cost`, are withdrawn from it
+/// and the tick is run again. Shuffles the chosen PVs to the front of
+/// `charged` (a partial Fisher-Yates with `rng`) and returns them.
+pub(super) fn overspend_withdrawals<'c>(
+    rng: &mut Rng,
+    cost: f64,
+    remaining: f64,
+    charged: &'c mut [usize],
+) -> &'c [usize] {
+    let frac = (cost - remaining.max(0.0)) / cost;
+    let k = ((frac * charged.len() as f64).ceil() as usize).clamp(1, charged.len().max(1));
+    let k = k.min(charged.len());
+    for c in 0..k {
+        let pick = c + rng.below(charged.len() - c);
+        charged.swap(c, pick);
+    }
+    &charged[..k]
+}
+
+/// The conversion model, shared by the live day and the replay: a shown
+/// impression with pValue `p` and pValueSigma `sigma` has the true value
+/// `clip(p + sigma x z, 0, 1)` and converts iff `u` is below it (`z`
+/// standard normal, `u` uniform on `[0, 1)`).
+pub(super) fn converts(p: f64, sigma: f64, z: f64, u: f64) -> bool {
+    u < (p + sigma * z).clamp(0.0, 1.0)
 }
 
 /// The mutable state of a day in progress.
@@ -118,191 +176,88 @@ struct Day<'a> {
     seed: u64,
     n_adv: usize,
     ticks: usize,
-    remaining: Vec<f64>,
-    history: Vec<Vec<TickStats>>,
-    /// `reveal[i * ticks + r]`: conversions of advertiser `i` revealed at
-    /// tick `r`.
-    reveal: Vec<u32>,
-    totals: Vec<AdvertiserOutcome>,
-}
-
-/// Per-tick results of the final auction round, per advertiser.
-#[derive(Debug, Clone, Copy, Default)]
-struct TickOutcome {
-    cost: f64,
-    wins: u32,
-    exposures: u32,
-    conversions: u32,
-    reward_continuous: f64,
+    /// One per advertiser.
+    ledgers: Vec<Ledger>,
 }
 
 impl<'a> Day<'a> {
     fn new(config: &'a SimConfig, market: &'a Market, seed: u64) -> Self {
-        let n_adv = config.advertisers();
         let ticks = config.ticks;
-        let totals = market
+        let ledgers = market
             .advertisers()
             .iter()
-            .map(|a| AdvertiserOutcome {
-                category: a.category,
-                budget: a.budget,
-                cpa_target: a.cpa_target,
-                cost: 0.0,
-                wins: 0,
-                exposures: 0,
-                conversions: 0,
-                observed_conversions: 0,
-                score: 0.0,
-            })
+            .enumerate()
+            .map(|(i, a)| Ledger::new(i, a.category, a.budget, a.cpa_target, ticks))
             .collect();
         Self {
             config,
             market,
             seed,
-            n_adv,
+            n_adv: config.advertisers(),
             ticks,
-            remaining: market.advertisers().iter().map(|a| a.budget).collect(),
-            history: vec![Vec::with_capacity(ticks); n_adv],
-            reveal: vec![0; n_adv * ticks],
-            totals,
+            ledgers,
         }
     }
 
-    fn run(mut self, policies: &mut [&mut dyn Policy]) -> Result<EpisodeLog, SimError> {
+    fn run(
+        mut self,
+        policies: &mut [&mut dyn Policy],
+        observe: &mut TickObserver<'_>,
+    ) -> Result<EpisodeLog, SimError> {
         let (n_adv, ticks) = (self.n_adv, self.ticks);
-        for (i, p) in policies.iter_mut().enumerate() {
-            let a = &self.market.advertisers()[i];
-            p.begin_day(&DayContext {
-                advertiser: i,
-                category: a.category,
-                budget: a.budget,
-                cpa_target: a.cpa_target,
-                ticks,
-                traffic_share: self.market.traffic_share(),
-            });
+        for (ledger, p) in self.ledgers.iter().zip(policies.iter_mut()) {
+            ledger.begin_day(&mut **p, self.market.traffic_share());
         }
         let mut cur = TickTraffic::default();
         let mut prev = TickTraffic::default();
         let mut lwc: Vec<f32> = Vec::new();
         let mut prev_lwc: Vec<f32> = Vec::new();
-        let mut prev_out = vec![TickOutcome::default(); n_adv];
         let mut records = Vec::with_capacity(n_adv * ticks);
         let mut rounds = Vec::with_capacity(ticks);
         let mut alpha = vec![0.0; n_adv];
-        let mut states = vec![StepState::default(); n_adv];
+        let mut decisions = Vec::with_capacity(n_adv);
         for t in 0..ticks {
             self.market.draw_tick(t, &mut cur);
-            let n = cur.n;
+            decisions.clear();
             for (i, policy) in policies.iter_mut().enumerate() {
-                let pvs = cur.pvalues(i);
-                let pvalue_now = mean_f32(pvs);
-                let budget = self.totals[i].budget;
-                let state = StepState::from_history(
-                    &self.history[i],
-                    ticks,
-                    self.remaining[i] / budget,
-                    pvalue_now,
-                    n,
-                );
-                let last = (t > 0).then(|| TickFeedback {
-                    pvalues: prev.pvalues(i),
-                    least_winning_cost: &prev_lwc[i * prev.n..(i + 1) * prev.n],
-                    cost: prev_out[i].cost,
-                    wins: prev_out[i].wins,
-                    exposures: prev_out[i].exposures,
-                    observed_conversions: self.reveal[i * ticks + t - 1],
-                });
-                let a = policy.act(&Observation {
-                    tick: t,
-                    ticks,
-                    budget,
-                    remaining: self.remaining[i],
-                    cpa_target: self.totals[i].cpa_target,
-                    state: &state,
-                    pvalues: pvs,
-                    last,
-                });
-                if !a.is_finite() {
-                    return Err(SimError::Action {
-                        advertiser: i,
-                        tick: t,
-                        value: a,
-                    });
-                }
-                alpha[i] = if self.remaining[i] < MIN_BUDGET {
-                    0.0
-                } else {
-                    a.max(0.0)
-                };
-                states[i] = state;
+                let previous =
+                    (t > 0).then(|| (prev.pvalues(i), &prev_lwc[i * prev.n..(i + 1) * prev.n]));
+                let d = self.ledgers[i].act(&mut **policy, t, cur.pvalues(i), previous)?;
+                alpha[i] = d.alpha;
+                decisions.push(d);
             }
             let (out, r) = self.auction(t, &cur, &alpha, &mut lwc);
             rounds.push(r);
-            for i in 0..n_adv {
-                let o = out[i];
-                self.remaining[i] -= o.cost;
-                let tot = &mut self.totals[i];
-                tot.cost += o.cost;
-                tot.wins += o.wins as u64;
-                tot.exposures += o.exposures as u64;
-                tot.conversions += o.conversions as u64;
-                let observed = self.reveal[i * ticks + t];
-                tot.observed_conversions += observed as u64;
-                let nf = n.max(1) as f64;
-                let pvs = cur.pvalues(i);
-                let mean_pv = mean_f32(pvs);
-                self.history[i].push(TickStats {
-                    pvs: n,
-                    mean_bid: alpha[i] * mean_pv,
-                    mean_lwc: lwc[i * n..(i + 1) * n]
-                        .iter()
-                        .map(|&x| x as f64)
-                        .sum::<f64>()
-                        / nf,
-                    mean_pvalue: mean_pv,
-                    conversion_rate: observed as f64 / nf,
-                    win_rate: o.wins as f64 / nf,
-                });
-                records.push(StepRecord {
-                    advertiser: i,
-                    tick: t,
-                    state: states[i],
-                    action: alpha[i],
-                    cost: o.cost,
-                    wins: o.wins,
-                    exposures: o.exposures,
-                    conversions: o.conversions,
-                    observed_conversions: observed,
-                    reward_continuous: o.reward_continuous,
-                    done: t + 1 == ticks || self.remaining[i] < MIN_BUDGET,
-                });
+            let n = cur.n;
+            for (i, ledger) in self.ledgers.iter_mut().enumerate() {
+                records.push(ledger.settle(
+                    t,
+                    cur.pvalues(i),
+                    &lwc[i * n..(i + 1) * n],
+                    decisions[i],
+                    out[i],
+                ));
             }
-            prev_out = out;
+            observe(t, &cur, &lwc);
             std::mem::swap(&mut prev, &mut cur);
             std::mem::swap(&mut prev_lwc, &mut lwc);
-        }
-        for tot in &mut self.totals {
-            tot.score = score(tot.conversions as f64, tot.cost, tot.cpa_target);
         }
         Ok(EpisodeLog {
             seed: self.seed,
             agent: self.config.agent,
             ticks,
             pvs_per_tick: self.market.pvs_per_tick().to_vec(),
-            advertisers: self.totals,
+            advertisers: self.ledgers.into_iter().map(Ledger::finish).collect(),
             records,
             auction_rounds: rounds,
         })
     }
 
-    /// The tick's auctions with the over-spend rule; fills `lwc` and returns
-    /// the per-advertiser outcome and the number of rounds.
-    ///
-    /// Over-spend rule (AuctionNet): if an advertiser's tick cost exceeds its
-    /// remaining budget, a random `ceil(f x w)` of its `w` charged PVs, `f =
-    /// (cost - remaining) / cost`, are withdrawn from it (it bids 0 there),
-    /// and the whole tick is auctioned again, until nobody overspends. Each
-    /// round withdraws at least one PV, so it ends.
+    /// The tick's auctions with the over-spend rule
+    /// ([`overspend_withdrawals`]: the whole tick is auctioned again until
+    /// nobody overspends; each round withdraws at least one PV, so it
+    /// ends); fills `lwc` and returns the per-advertiser outcome and the
+    /// number of rounds.
     fn auction(
         &mut self,
         t: usize,
@@ -352,12 +307,12 @@ impl<'a> Day<'a> {
             }
             let mut any = false;
             for i in 0..n_adv {
-                let rem = self.remaining[i];
+                let rem = self.ledgers[i].remaining();
                 if cost[i] <= rem {
                     continue;
                 }
                 any = true;
-                let charged: Vec<usize> = (0..n)
+                let mut charged: Vec<usize> = (0..n)
                     .filter(|&j| {
                         results[j]
                             .slots
@@ -366,19 +321,13 @@ impl<'a> Day<'a> {
                             .any(|(s, &sh)| sh && s.is_some_and(|w| w.advertiser as usize == i))
                     })
                     .collect();
-                let frac = (cost[i] - rem.max(0.0)) / cost[i];
-                let k =
-                    ((frac * charged.len() as f64).ceil() as usize).clamp(1, charged.len().max(1));
                 let mut rng = Rng::new(
                     self.seed,
                     kind::OVERSPEND,
                     (t as u64) << 40 | (round as u64) << 20 | i as u64,
                 );
-                let mut pool = charged;
-                for c in 0..k.min(pool.len()) {
-                    let pick = c + rng.below(pool.len() - c);
-                    pool.swap(c, pick);
-                    withdrawn[i * n + pool[c]] = true;
+                for &j in overspend_withdrawals(&mut rng, cost[i], rem, &mut charged) {
+                    withdrawn[i * n + j] = true;
                 }
             }
             if !any {
@@ -419,25 +368,12 @@ impl<'a> Day<'a> {
                 out[i].exposures += 1;
                 let p = traffic.pvalue[i * n + j] as f64;
                 out[i].reward_continuous += p;
-                let sigma = p * traffic.sigma_ratio[i] as f64;
-                let value = (p + sigma * z).clamp(0.0, 1.0);
-                if u < value {
+                if converts(p, p * traffic.sigma_ratio[i] as f64, z, u) {
                     out[i].conversions += 1;
-                    let r = t + (delay_hours / tick_hours).floor() as usize;
-                    if r < self.ticks {
-                        self.reveal[i * self.ticks + r] += 1;
-                    }
+                    self.ledgers[i].convert(t, delay_hours, tick_hours);
                 }
             }
         }
         (out, round)
-    }
-}
-
-fn mean_f32(xs: &[f32]) -> f64 {
-    if xs.is_empty() {
-        0.0
-    } else {
-        xs.iter().map(|&x| x as f64).sum::<f64>() / xs.len() as f64
     }
 }

@@ -84,6 +84,47 @@
 //!   after the day's end are never observed within it. The policy's state
 //!   and feedback see observed conversions; the score counts true ones.
 //!
+//! # Offline replay
+//!
+//! Most auto-bidding papers (AuctionNet's offline evaluation, GAS, GAVE,
+//! DBM-Bid; `models.md` §4.5) score a policy against *logged* days rather
+//! than a live market. [`MarketLog::record`] logs what one advertiser saw
+//! of a live day (per tick and PV: pValue, pValueSigma and least winning
+//! cost; its budget, CPA target and category), and [`run_replay`] plays a
+//! policy against the log: a PV is won iff the bid is positive and at least
+//! its least winning cost, the winner pays that cost, every win is shown,
+//! and the over-spend rule, conversion model, delays and score are the live
+//! day's. The market is exogenous: prices do not react to the policy, so
+//! policies replayed on the same logs are compared on the same prices.
+//!
+//! ```text
+//!  live day of seed s ──► advertiser a's view, tick by tick ──► MarketLog
+//!  (all population)        pValue, pValueSigma, lwc per PV        │
+//!                                                                  ▼
+//!  Policy ──► alpha ──► win PV j iff alpha x pValue_j >= lwc_j, pay lwc_j
+//!    ▲                         │  over-spend? withdraw won PVs, redo
+//!    │                         ▼
+//!    │   conversion ~ Bernoulli(clip(N(pValue, pValueSigma), 0, 1)), delay
+//!    └──── state (16 features), feedback ◄── observed │ true ──► score
+//! ```
+//!
+//! The budget of the replay is the logged one times the configuration's
+//! budget ratio (the log is recorded at ratio 1), so one log serves every
+//! ratio; [`evaluate_replay`] averages a policy over many logs.
+//!
+//! ```
+//! use nann::tar::sim::{run_replay, MarketLog, OnlineLpPolicy, SimConfig};
+//!
+//! let config = SimConfig::sparse().with_pvs_per_day(5_000);
+//! let log = MarketLog::record(&config, 7)?;
+//! let half = config.with_budget_ratio(0.5);
+//! let replay = run_replay(&half, &log, 1, &mut OnlineLpPolicy::default())?;
+//! assert_eq!(replay.outcome.budget, 0.5 * log.budget());
+//! assert!(replay.outcome.cost <= replay.outcome.budget);
+//! assert_eq!(replay.records.len(), 48);
+//! # Ok::<(), nann::tar::sim::SimError>(())
+//! ```
+//!
 //! # Departures from AuctionNet
 //!
 //! The population is one noisy pacing controller ([`PopulationPolicy`])
@@ -96,10 +137,12 @@ mod auction;
 mod config;
 mod episode;
 mod eval;
+mod ledger;
 mod market;
 mod policy;
 mod prices;
 mod records;
+mod replay;
 mod rng;
 
 pub use auction::{exposed, Gsp, SlotWin, SLOTS};
@@ -113,3 +156,4 @@ pub use policy::{
 };
 pub use prices::PriceMemory;
 pub use records::{score, StepRecord, StepState, TickStats};
+pub use replay::{evaluate_replay, run_replay, LoggedTick, MarketLog, ReplayLog};

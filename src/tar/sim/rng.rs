@@ -27,6 +27,14 @@ pub(crate) mod kind {
     pub const OVERSPEND: u64 = 9;
     pub const POPULATION: u64 = 10;
     pub const JITTER: u64 = 11;
+    /// Offline replay (`run_replay`): a won PV's conversion draw, keyed by
+    /// the replay's seed.
+    pub const REPLAY_OUTCOME: u64 = 12;
+    /// Offline replay: a conversion's delay, keyed by the replay's seed.
+    pub const REPLAY_DELAY: u64 = 13;
+    /// Offline replay: the over-spend rule's withdrawals, keyed by the
+    /// logged day's seed (part of the market, not of the outcome noise).
+    pub const REPLAY_OVERSPEND: u64 = 14;
 }
 
 /// A splitmix64 stream keyed by `(seed, kind, index)`.
