@@ -1,7 +1,7 @@
 //! Mean score of a policy over many days, with a 95% confidence interval.
 
 use super::config::{SimConfig, SimError};
-use super::episode::run_episode;
+use super::episode::{run_episode, AdvertiserOutcome};
 use super::policy::Policy;
 
 /// A policy's scores over a range of seeds.
@@ -52,22 +52,26 @@ pub fn evaluate(
     if seeds.is_empty() {
         return Err(SimError::NoEpisodes);
     }
-    let mut scores = Vec::with_capacity(seeds.clone().count());
-    let (mut conv, mut spend) = (0.0, 0.0);
-    for seed in seeds {
-        let log = run_episode(config, seed, policy)?;
-        let a = log.agent_outcome();
-        scores.push(a.score);
-        conv += a.conversions as f64;
-        spend += a.cost / a.budget;
-    }
-    let n = scores.len() as f64;
+    let outcomes = seeds
+        .map(|seed| Ok(run_episode(config, seed, policy)?.agent_outcome().clone()))
+        .collect::<Result<Vec<_>, SimError>>()?;
+    Ok(summarise(&outcomes))
+}
+
+/// The [`Evaluation`] of the agent's outcomes of some days (at least one):
+/// the one summary for live days ([`evaluate`]) and replayed ones
+/// ([`evaluate_replay`](super::evaluate_replay)).
+pub(crate) fn summarise(outcomes: &[AdvertiserOutcome]) -> Evaluation {
+    let scores: Vec<f64> = outcomes.iter().map(|a| a.score).collect();
+    let n = outcomes.len().max(1) as f64;
+    let conv: f64 = outcomes.iter().map(|a| a.conversions as f64).sum();
+    let spend: f64 = outcomes.iter().map(|a| a.cost / a.budget).sum();
     let (mean, ci95) = mean_ci95(&scores);
-    Ok(Evaluation {
+    Evaluation {
         mean,
         ci95,
         mean_conversions: conv / n,
         mean_spend_ratio: spend / n,
         scores,
-    })
+    }
 }

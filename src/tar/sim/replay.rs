@@ -26,7 +26,7 @@
 
 use super::config::{SimConfig, SimError};
 use super::episode::{converts, overspend_withdrawals, run_agent_observed, AdvertiserOutcome};
-use super::eval::{mean_ci95, Evaluation};
+use super::eval::{summarise, Evaluation};
 use super::ledger::{Ledger, TickOutcome};
 use super::market::Market;
 use super::policy::{Policy, PopulationPolicy};
@@ -376,21 +376,9 @@ pub fn evaluate_replay(
     if logs.is_empty() {
         return Err(SimError::NoEpisodes);
     }
-    let mut scores = Vec::with_capacity(logs.len());
-    let (mut conv, mut spend) = (0.0, 0.0);
-    for log in logs {
-        let a = run_replay(config, log, log.seed, policy)?.outcome;
-        scores.push(a.score);
-        conv += a.conversions as f64;
-        spend += a.cost / a.budget;
-    }
-    let n = scores.len() as f64;
-    let (mean, ci95) = mean_ci95(&scores);
-    Ok(Evaluation {
-        mean,
-        ci95,
-        mean_conversions: conv / n,
-        mean_spend_ratio: spend / n,
-        scores,
-    })
+    let outcomes = logs
+        .iter()
+        .map(|log| Ok(run_replay(config, log, log.seed, policy)?.outcome))
+        .collect::<Result<Vec<_>, SimError>>()?;
+    Ok(summarise(&outcomes))
 }
