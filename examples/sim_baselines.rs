@@ -16,13 +16,20 @@
 //! cargo run --release --example sim_baselines -- --json  # one object per line
 //! cargo run --release --example sim_baselines -- --days 20 --delayed-ticks 48
 //! cargo run --release --example sim_baselines -- --replay --json
+//! # with two hindsight bounds beside them (replay only; not policies: they
+//! # know each day's prices in advance): `hindsight`, the best constant bid
+//! # of the day, and `hindsight_lp`, OnlineLP re-solved each tick on the
+//! # day's actual remaining PVs
+//! cargo run --release --example sim_baselines -- --replay --hindsight --days 60
 //! ```
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nann::tar::sim::{
-    evaluate, evaluate_replay, ConstantPolicy, DayContext, MarketLog, Observation, OnlineLpPolicy,
-    PidPolicy, Policy, Preset, SimConfig, SimError,
+    evaluate, evaluate_replay, mean_ci95, run_replay, ConstantPolicy, DayContext,
+    HindsightLpPolicy, MarketLog, Observation, OnlineLpPolicy, PidPolicy, Policy, Preset,
+    SimConfig, SimError,
 };
 
 /// Wraps a policy and times its decisions.
@@ -45,6 +52,30 @@ impl<P: Policy> Policy for Timed<P> {
         self.elapsed += start.elapsed();
         self.decisions += 1;
         alpha
+    }
+}
+
+/// `--hindsight`: bids each replayed day's hindsight constant
+/// (`MarketLog::best_constant`), chosen knowing the whole day's prices: not
+/// a policy anyone can run, the bound pacing is measured against.
+struct Hindsight {
+    /// One factor (in CPA targets) per log, in log order.
+    factors: Vec<f64>,
+    day: usize,
+    alpha: f64,
+}
+
+impl Policy for Hindsight {
+    fn name(&self) -> &str {
+        "hindsight"
+    }
+    fn begin_day(&mut self, day: &DayContext<'_>) {
+        let factor = self.factors.get(self.day).copied().unwrap_or(1.0);
+        self.alpha = factor * day.cpa_target;
+        self.day += 1;
+    }
+    fn act(&mut self, _: &Observation<'_>) -> f64 {
+        self.alpha
     }
 }
 
@@ -74,6 +105,7 @@ fn main() -> Result<(), SimError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let json = args.iter().any(|a| a == "--json");
     let replay = args.iter().any(|a| a == "--replay");
+    let hindsight = replay && args.iter().any(|a| a == "--hindsight");
     let value = |name: &str| {
         args.iter()
             .position(|a| a == name)
@@ -100,7 +132,7 @@ fn main() -> Result<(), SimError> {
             );
         }
         println!(
-            "{:<9} {:<8} {:>5}  {:>15}  {:>6}  {:>9}",
+            "{:<12} {:<8} {:>5}  {:>15}  {:>6}  {:>9}",
             "policy", "preset", "ratio", "score ± ci95", "spend", "µs/decision"
         );
     }
@@ -128,7 +160,7 @@ fn main() -> Result<(), SimError> {
             let config = SimConfig::preset(preset)
                 .with_ticks(t)
                 .with_budget_ratio(ratio);
-            let rows = [
+            let mut rows = vec![
                 ("pid", run(&config, PidPolicy::default(), days, logs)?),
                 (
                     "onlinelp",
@@ -139,6 +171,28 @@ fn main() -> Result<(), SimError> {
                     run(&config, ConstantPolicy::default(), days, logs)?,
                 ),
             ];
+            if let (true, Some(logs)) = (hindsight, logs) {
+                let bound = Hindsight {
+                    factors: logs.iter().map(|l| l.best_constant(ratio).0).collect(),
+                    day: 0,
+                    alpha: 0.0,
+                };
+                rows.push(("hindsight", run(&config, bound, days, Some(logs))?));
+                // One replay per log, each with the bidder that knows it.
+                let mut scores = Vec::with_capacity(logs.len());
+                let (mut spend, mut elapsed) = (0.0, Duration::ZERO);
+                for log in logs {
+                    let mut bound = HindsightLpPolicy::new(Arc::new(log.clone()));
+                    let start = Instant::now();
+                    let day = run_replay(&config, log, log.seed(), &mut bound)?;
+                    elapsed += start.elapsed();
+                    spend += day.outcome.cost / day.outcome.budget.max(1e-9);
+                    scores.push(day.outcome.score);
+                }
+                let (mean, ci) = mean_ci95(&scores);
+                let us = elapsed.as_secs_f64() * 1e6 / (logs.len() * config.ticks).max(1) as f64;
+                rows.push(("hindsight_lp", (mean, ci, spend / logs.len() as f64, us)));
+            }
             for (name, (score, ci, spend, us)) in rows {
                 if json {
                     println!(
@@ -147,7 +201,7 @@ fn main() -> Result<(), SimError> {
                     );
                 } else {
                     println!(
-                        "{:<9} {:<8} {:>5.2}  {:>7.2} ± {:<6.2}  {:>6.2}  {:>9.2}",
+                        "{:<12} {:<8} {:>5.2}  {:>7.2} ± {:<6.2}  {:>6.2}  {:>9.2}",
                         name,
                         preset.name(),
                         ratio,

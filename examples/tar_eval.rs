@@ -96,6 +96,8 @@ struct Args {
     variants: Option<Vec<String>>,
     constant: Vec<f64>,
     cuda: bool,
+    /// Share of hindsight-expert days in the training log (`--hindsight`).
+    hindsight: f64,
     replay: bool,
 }
 
@@ -137,6 +139,7 @@ fn parse() -> Result<Args, String> {
         replay: false,
         constant: Vec::new(),
         cuda: false,
+        hindsight: 0.0,
     };
     let mut i = 0;
     while i < raw.len() {
@@ -198,6 +201,7 @@ fn parse() -> Result<Args, String> {
                 }
             }
             "--spend" => args.spend = num(&value()?)?,
+            "--hindsight" => args.hindsight = num(&value()?)?,
             "--max-action" => args.max_action = num(&value()?)?,
             "--cpa-ratio" => args.cpa_ratio = num(&value()?)?,
             "--samples" => args.samples = num(&value()?)?,
@@ -431,6 +435,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 episodes: args.train_episodes,
                 first_seed: 0,
                 threads: args.threads,
+                hindsight_share: args.hindsight,
                 ..DataConfig::default()
             },
         )?;

@@ -3,7 +3,7 @@
 
 use nann::tar::data::{attributes, step_features, DataConfig, Dataset};
 use nann::tar::model::{ACTION_SLOT, STEP_FEATURES};
-use nann::tar::sim::{run_episode, score, ConstantPolicy, SimConfig, StepState};
+use nann::tar::sim::{run_episode, score, ConstantPolicy, MarketLog, SimConfig, StepState};
 
 fn small() -> SimConfig {
     SimConfig::sparse().with_pvs_per_day(10_000)
@@ -124,4 +124,75 @@ fn the_log_covers_good_and_bad_days() {
     // A constant truthful bidder's day agrees with the features' scale.
     let log = run_episode(&small(), 100, &mut ConstantPolicy::default()).unwrap();
     assert_eq!(log.records_of(0).count(), 48);
+}
+
+#[test]
+fn hindsight_days_bid_onlinelp_re_solved_on_the_days_actual_pvs() {
+    // With every day a hindsight day, the agent's action at each tick is,
+    // up to the behaviour's log-normal noise (sigma <= 0.25, median 1), the
+    // threshold that spends its budget left over the logged day's actual
+    // remaining PVs cheapest first without passing the CPA target, capped
+    // at 1.3 CPA: recomputed here from the log and the trajectory alone.
+    let sim = small();
+    let data = DataConfig {
+        hindsight_share: 1.0,
+        ..config(6, 1)
+    };
+    let set = Dataset::collect(&sim, &data).unwrap();
+    // Agent first, then two population advertisers, per day.
+    let agents: Vec<_> = set.trajectories.iter().step_by(3).collect();
+    assert_eq!(agents.len(), 6);
+    for (day, tr) in agents.iter().enumerate() {
+        let seed = 100 + day as u64;
+        let log = MarketLog::record(&sim.clone().with_agent(tr.advertiser), seed).unwrap();
+        let cpa = tr.cpa_target;
+        let mut ratios = Vec::new();
+        for t in 0..sim.ticks {
+            let remaining = tr.steps[t][1] as f64 * tr.budget;
+            if remaining < 1.0 {
+                break;
+            }
+            let mut rest: Vec<(f64, f64, f64)> = Vec::new();
+            for tick in &log.ticks()[t..] {
+                for (&p, &c) in tick.pvalues().iter().zip(tick.least_winning_costs()) {
+                    if p > 0.0 {
+                        rest.push((c as f64 / p as f64, c as f64, p as f64));
+                    }
+                }
+            }
+            rest.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let (mut cost, mut value, mut bid) = (0.0, 0.0, 1.3 * cpa);
+            for (cpv, c, v) in rest {
+                if cost + c > cpa * (value + v) || cost + c >= remaining {
+                    bid = cpv.min(1.3 * cpa);
+                    break;
+                }
+                cost += c;
+                value += v;
+            }
+            ratios.push(tr.actions[t] as f64 * cpa / bid);
+        }
+        assert!(
+            ratios.len() > 10,
+            "day {day}: budget gone by tick {}",
+            ratios.len()
+        );
+        ratios.sort_by(f64::total_cmp);
+        let median = ratios[ratios.len() / 2];
+        assert!(
+            (median - 1.0).abs() < 0.15,
+            "day {day}: median action / hindsight bid {median}"
+        );
+    }
+    // Share 0 is the log collected before hindsight days existed.
+    let plain = Dataset::collect(&sim, &config(6, 1)).unwrap();
+    let zero = Dataset::collect(
+        &sim,
+        &DataConfig {
+            hindsight_share: 0.0,
+            ..config(6, 1)
+        },
+    )
+    .unwrap();
+    assert_eq!(plain, zero);
 }

@@ -23,9 +23,11 @@
 //! PVs per tick.
 
 use super::model::{ATTRIBUTES, STEP_FEATURES};
+use std::sync::Arc;
+
 use super::sim::{
-    run_episode, ConstantPolicy, DayContext, Observation, OnlineLpPolicy, PidPolicy, Policy,
-    SimConfig, SimError, StepState,
+    run_episode, ConstantPolicy, DayContext, HindsightLpPolicy, MarketLog, Observation,
+    OnlineLpPolicy, PidPolicy, Policy, SimConfig, SimError, StepState,
 };
 
 /// One advertiser's day.
@@ -140,6 +142,15 @@ pub struct DataConfig {
     pub budget_ratio_range: (f64, f64),
     /// Worker threads (1 = run in the calling thread).
     pub threads: usize,
+    /// Share of days (0..=1) on which the agent bids as
+    /// [`HindsightLpPolicy`] on the day as
+    /// the population played it (OnlineLP re-solved each tick on the day's
+    /// actual remaining PVs), with the behaviour's log-normal noise, instead
+    /// of a random behaviour: expert days in the log (hindsight
+    /// relabelling), as AuctionNet's logs hold days of strong policies. The
+    /// models still see only each day's observations; what the expert knew
+    /// shows only in what it did. Default 0.
+    pub hindsight_share: f64,
 }
 
 impl Default for DataConfig {
@@ -150,6 +161,7 @@ impl Default for DataConfig {
             population_per_episode: 4,
             budget_ratio_range: (0.4, 1.6),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            hindsight_share: 0.0,
         }
     }
 }
@@ -230,6 +242,13 @@ fn collect_days(
         let ratio = lo + (hi - lo) * rng.uniform();
         let config = sim.clone().with_agent(agent).with_budget_ratio(ratio);
         let mut behaviour = Behaviour::random(&mut rng);
+        // A stream of its own, so the days without it are those of a log
+        // collected without hindsight days.
+        let expert = SplitMix::new(seed ^ 0x41d5_0000_0000_0002).uniform() < data.hindsight_share;
+        if expert {
+            let log = MarketLog::record(&config, seed)?;
+            behaviour.inner = Box::new(HindsightLpPolicy::new(Arc::new(log)));
+        }
         let log = run_episode(&config, seed, &mut behaviour)?;
         let mut keep = vec![agent];
         let extra = data.population_per_episode.min(n_adv - 1);

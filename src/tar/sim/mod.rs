@@ -137,6 +137,7 @@ mod auction;
 mod config;
 mod episode;
 mod eval;
+mod hindsight;
 mod ledger;
 mod market;
 mod policy;
@@ -149,6 +150,7 @@ pub use auction::{exposed, Gsp, SlotWin, SLOTS};
 pub use config::{DelayConfig, Preset, SimConfig, SimError};
 pub use episode::{run_episode, run_episode_with, AdvertiserOutcome, EpisodeLog, MIN_BUDGET};
 pub use eval::{evaluate, mean_ci95, Evaluation};
+pub use hindsight::HindsightLpPolicy;
 pub use market::{Advertiser, Market, TickTraffic};
 pub use policy::{
     ConstantPolicy, DayContext, Observation, OnlineLpPolicy, PidPolicy, Policy, PopulationPolicy,
