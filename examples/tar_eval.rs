@@ -36,6 +36,9 @@
 //! `cuda` and a device, and plans with `nann::cuda::GpuTarModel` through
 //! `TarPolicy::with_generator`, one device shared by all variants; the
 //! other policies stay on the CPU and their latency lines say so).
+//! `--hindsight S` makes a share `S` of the training log's agent days
+//! expert days (`nann::tar::sim::HindsightLpPolicy`: OnlineLP re-solved on
+//! the day's actual remaining PVs; `DataConfig::hindsight_share`, default 0).
 //! `--replay` plays every policy on offline replays of the test days
 //! (`nann::tar::sim::run_replay`: win iff the bid beats the logged least
 //! winning cost, pay it; the papers' protocol) instead of live days, and
