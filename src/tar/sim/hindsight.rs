@@ -32,14 +32,12 @@ impl MarketLog {
     /// `budget_ratio` has the highest *expected* score, and that score.
     ///
     /// It knows the whole day's prices in advance, so no online policy can
-    /// count on matching it; it bounds what pacing can gain on the day, and
-    /// a behaviour policy bidding it gives the offline log expert days
-    /// (hindsight relabelling; see
-    /// [`DataConfig::hindsight_share`](crate::tar::data::DataConfig::hindsight_share)).
+    /// count on matching it; it bounds what pacing can gain on the day.
     /// Expected, not realised: conversions count as the pValues bought
     /// (so the choice does not chase one draw's luck), every win is shown
     /// and pays its least winning cost (the replay's rules), and the day
-    /// stops at the first PV the budget cannot pay for.
+    /// stops at the first PV the budget cannot pay for. No budget ratio
+    /// panics (a negative one buys nothing: expected score 0).
     ///
     /// ```
     /// use nann::tar::sim::{MarketLog, SimConfig};
