@@ -246,8 +246,9 @@ fn main() -> Result<(), Box<dyn Error>> {
         None => None,
     };
     let ratios = [0.5, 0.75];
-    let train: Vec<MarketLog> = (0..train_days)
-        .map(|i| MarketLog::record(&sim.clone().with_agent(agent_of(i)), 10_000 + i))
+    // Shared with the labelling bidders (no copy of a day per replay).
+    let train: Vec<Arc<MarketLog>> = (0..train_days)
+        .map(|i| MarketLog::record(&sim.clone().with_agent(agent_of(i)), 10_000 + i).map(Arc::new))
         .collect::<Result<_, _>>()?;
     let valid: Vec<MarketLog> = (0..days)
         .map(|i| MarketLog::record(&sim.clone().with_agent(agent_of(i)), 2_000_000 + i))
@@ -267,7 +268,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                     .with_agent(agent_of(i as u64))
                     .with_budget_ratio(ratio);
                 let mut bidder = Forecaster::new(weights, tar.clone(), &sim);
-                let label = HindsightLpPolicy::new(Arc::new(log.clone()));
+                let label = HindsightLpPolicy::new(log.clone());
                 bidder.label_from = Some((log, label));
                 run_replay(&config, log, log.seed(), &mut bidder)?;
                 rows.extend(bidder.rows);

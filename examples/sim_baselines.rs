@@ -155,6 +155,11 @@ fn main() -> Result<(), SimError> {
         } else {
             None
         };
+        // `--hindsight`: the logs shared once with the bidders that know them.
+        let shared: Vec<Arc<MarketLog>> = match (&logs, hindsight) {
+            (Some(logs), true) => logs.iter().cloned().map(Arc::new).collect(),
+            _ => Vec::new(),
+        };
         let logs = logs.as_deref();
         for &ratio in &ratios {
             let config = SimConfig::preset(preset)
@@ -181,8 +186,8 @@ fn main() -> Result<(), SimError> {
                 // One replay per log, each with the bidder that knows it.
                 let mut scores = Vec::with_capacity(logs.len());
                 let (mut spend, mut elapsed) = (0.0, Duration::ZERO);
-                for log in logs {
-                    let mut bound = HindsightLpPolicy::new(Arc::new(log.clone()));
+                for log in &shared {
+                    let mut bound = HindsightLpPolicy::new(log.clone());
                     let start = Instant::now();
                     let day = run_replay(&config, log, log.seed(), &mut bound)?;
                     elapsed += start.elapsed();
