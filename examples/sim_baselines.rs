@@ -21,6 +21,9 @@
 //! # of the day, and `hindsight_lp`, OnlineLP re-solved each tick on the
 //! # day's actual remaining PVs
 //! cargo run --release --example sim_baselines -- --replay --hindsight --days 60
+//! # the recurring market (same population every day) and `history_lp`,
+//! # OnlineLP solved on 20 past days' prices (seeds 2000..2020), beside them
+//! cargo run --release --example sim_baselines -- --presets sparse,recurring --history 20
 //! ```
 
 use std::sync::Arc;
@@ -28,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use nann::tar::sim::{
     evaluate, evaluate_replay, mean_ci95, run_replay, ConstantPolicy, DayContext,
-    HindsightLpPolicy, MarketLog, Observation, OnlineLpPolicy, PidPolicy, Policy, Preset,
-    SimConfig, SimError,
+    HindsightLpPolicy, HistoryLpPolicy, MarketLog, Observation, OnlineLpPolicy, PidPolicy, Policy,
+    Preset, PriceHistory, SimConfig, SimError,
 };
 
 /// Wraps a policy and times its decisions.
@@ -118,6 +121,34 @@ fn main() -> Result<(), SimError> {
     // 288 ticks a day (5-minute decisions), the DelaySim setting.
     let ticks = value("--ticks").unwrap_or(48) as usize;
     let delayed_ticks = value("--delayed-ticks").unwrap_or(288) as usize;
+    // `--history N`: a `history_lp` row, OnlineLP on N past days' prices.
+    let history_days = value("--history").unwrap_or(0);
+    // `--level W`: history_lp scales the history's prices by today's level
+    // over the history's to the power W (0: the pure history).
+    let level = args
+        .iter()
+        .position(|a| a == "--level")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let presets: Vec<Preset> = match args.iter().position(|a| a == "--presets") {
+        Some(i) => args
+            .get(i + 1)
+            .map(|v| v.as_str())
+            .unwrap_or("")
+            .split(',')
+            .map(|name| match name {
+                "sparse" => Ok(Preset::Sparse),
+                "delayed" => Ok(Preset::Delayed),
+                "recurring" => Ok(Preset::Recurring),
+                other => Err(SimError::Config {
+                    field: "preset",
+                    message: format!("unknown preset `{other}` (sparse, delayed, recurring)"),
+                }),
+            })
+            .collect::<Result<_, _>>()?,
+        None => vec![Preset::Sparse, Preset::Delayed],
+    };
     let ratios = [0.5, 0.75, 1.0, 1.25, 1.5];
     let start = Instant::now();
     if !json {
@@ -137,7 +168,7 @@ fn main() -> Result<(), SimError> {
         );
     }
     let mode = if replay { "\"mode\":\"replay\"," } else { "" };
-    for preset in [Preset::Sparse, Preset::Delayed] {
+    for preset in presets {
         let t = if preset == Preset::Delayed {
             delayed_ticks
         } else {
@@ -152,6 +183,17 @@ fn main() -> Result<(), SimError> {
                     .map(|seed| MarketLog::record(&day, seed))
                     .collect::<Result<Vec<_>, _>>()?,
             )
+        } else {
+            None
+        };
+        // `--history N`: advertiser 0's past days (seeds 2000.., apart from
+        // the days scored).
+        let history = if history_days > 0 {
+            let day = SimConfig::preset(preset).with_ticks(t);
+            let past = (2000..2000 + history_days)
+                .map(|seed| MarketLog::record(&day, seed))
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(PriceHistory::from_logs(&past)?)
         } else {
             None
         };
@@ -176,6 +218,10 @@ fn main() -> Result<(), SimError> {
                     run(&config, ConstantPolicy::default(), days, logs)?,
                 ),
             ];
+            if let Some(history) = &history {
+                let policy = HistoryLpPolicy::new([history.clone()]).with_level_weight(level);
+                rows.push(("history_lp", run(&config, policy, days, logs)?));
+            }
             if let (true, Some(logs)) = (hindsight, logs) {
                 let bound = Hindsight {
                     factors: logs.iter().map(|l| l.best_constant(ratio).0).collect(),

@@ -39,6 +39,12 @@
 //! `--hindsight S` makes a share `S` of the training log's agent days
 //! expert days (`nann::tar::sim::HindsightLpPolicy`: OnlineLP re-solved on
 //! the day's actual remaining PVs; `DataConfig::hindsight_share`, default 0).
+//! `--history N` adds the baseline `history_lp`
+//! (`nann::tar::sim::HistoryLpPolicy`: OnlineLP solved on N past days'
+//! prices of the test day's advertiser, seeds from 3,000,000, as
+//! AuctionNet's OnlineLP reads its training logs); the paired comparison
+//! then counts it among the baselines. `--presets` also takes `recurring`
+//! (`SimConfig::recurring`: one population and daily shape every day).
 //! `--replay` plays every policy on offline replays of the test days
 //! (`nann::tar::sim::run_replay`: win iff the bid beats the logged least
 //! winning cost, pay it; the papers' protocol) instead of live days, and
@@ -59,8 +65,8 @@ use nann::tar::dt::{day_return_quantile, DtConfig, DtModel, DtPolicy};
 use nann::tar::inverse::InverseDynamics;
 use nann::tar::model::{GenerateOptions, PlanGenerator, TarConfig, TarModel};
 use nann::tar::sim::{
-    mean_ci95, run_episode, run_replay, ConstantPolicy, MarketLog, OnlineLpPolicy, PidPolicy,
-    Policy, Preset, SimConfig,
+    mean_ci95, run_episode, run_replay, ConstantPolicy, HistoryLpPolicy, MarketLog, OnlineLpPolicy,
+    PidPolicy, Policy, Preset, PriceHistory, SimConfig,
 };
 use nann::tar::train::dt::{train_dt, DtTrainConfig};
 use nann::tar::train::inverse::{train_inverse_dynamics, InverseTrainConfig};
@@ -71,6 +77,9 @@ const RATIOS: [f64; 5] = [0.5, 0.75, 1.0, 1.25, 1.5];
 const TEST_SEED: u64 = 1_000_000;
 /// Days for choosing sampling options and the target quantile (`--validation`).
 const VALIDATION_SEED: u64 = 2_000_000;
+/// Past days of the `history_lp` baseline (`--history`): advertiser `a`'s
+/// day `k` is seed `HISTORY_SEED + 10,000 a + k`.
+const HISTORY_SEED: u64 = 3_000_000;
 
 struct Args {
     json: bool,
@@ -101,6 +110,9 @@ struct Args {
     cuda: bool,
     /// Share of hindsight-expert days in the training log (`--hindsight`).
     hindsight: f64,
+    /// Past days per advertiser for the `history_lp` baseline (`--history`;
+    /// 0 = no such row).
+    history: u64,
     replay: bool,
 }
 
@@ -143,6 +155,7 @@ fn parse() -> Result<Args, String> {
         constant: Vec::new(),
         cuda: false,
         hindsight: 0.0,
+        history: 0,
     };
     let mut i = 0;
     while i < raw.len() {
@@ -162,6 +175,7 @@ fn parse() -> Result<Args, String> {
                     .map(|p| match p {
                         "sparse" => Ok(Preset::Sparse),
                         "delayed" => Ok(Preset::Delayed),
+                        "recurring" => Ok(Preset::Recurring),
                         other => Err(format!("unknown preset `{other}`")),
                     })
                     .collect::<Result<_, _>>()?
@@ -205,6 +219,7 @@ fn parse() -> Result<Args, String> {
             }
             "--spend" => args.spend = num(&value()?)?,
             "--hindsight" => args.hindsight = num(&value()?)?,
+            "--history" => args.history = num(&value()?)?,
             "--max-action" => args.max_action = num(&value()?)?,
             "--cpa-ratio" => args.cpa_ratio = num(&value()?)?,
             "--samples" => args.samples = num(&value()?)?,
@@ -530,6 +545,53 @@ fn main() -> Result<(), Box<dyn Error>> {
                 Box::new(|| Box::new(OnlineLpPolicy::default()) as Box<dyn Policy + Send>),
             ),
         ];
+        // `--history N`: OnlineLP on N past days of each test advertiser.
+        if args.history > 0 {
+            let mut agents: Vec<usize> = (0..args.eval_days).map(agent_of).collect();
+            agents.sort_unstable();
+            agents.dedup();
+            let histories = std::thread::scope(|s| {
+                let handles: Vec<_> = agents
+                    .chunks(agents.len().div_ceil(args.threads.max(1)).max(1))
+                    .map(|chunk| {
+                        let sim = &sim;
+                        s.spawn(move || {
+                            chunk
+                                .iter()
+                                .map(|&a| {
+                                    let day = sim.clone().with_agent(a);
+                                    let past = (0..args.history)
+                                        .map(|k| {
+                                            MarketLog::record(
+                                                &day,
+                                                HISTORY_SEED + a as u64 * 10_000 + k,
+                                            )
+                                        })
+                                        .collect::<Result<Vec<_>, _>>()?;
+                                    PriceHistory::from_logs(&past)
+                                })
+                                .collect::<Result<Vec<_>, _>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .map_err(|_| "a history thread panicked".to_string())
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten();
+            let policy = HistoryLpPolicy::new(histories);
+            factories.push((
+                "history_lp".into(),
+                Box::new(move || Box::new(policy.clone()) as Box<dyn Policy + Send>),
+            ));
+        }
         // Diagnostic only (`--constant 1.0,1.3`): bid a fixed multiple of
         // the CPA target all day, to see whether the budget or the CPA
         // constraint binds at a ratio. Not part of the default output.
@@ -730,7 +792,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             let mean_of = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
             let best = all
                 .iter()
-                .filter(|(n, _)| ["pid", "onlinelp", "dt"].contains(&n.as_str()))
+                .filter(|(n, _)| ["pid", "onlinelp", "history_lp", "dt"].contains(&n.as_str()))
                 .max_by(|a, b| mean_of(&a.1).total_cmp(&mean_of(&b.1)));
             let tar = all.iter().find(|(n, _)| n == "tar");
             if let (Some((best_name, best)), Some((_, tar))) = (best, tar) {

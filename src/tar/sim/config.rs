@@ -48,6 +48,26 @@ pub struct DelayConfig {
     pub mean_hours: f64,
 }
 
+/// A market whose population recurs from day to day, as AuctionNet's
+/// periods do: the same advertisers (budgets, CPA targets, pValue spreads)
+/// every day, and the same daily shape of every category's and advertiser's
+/// pValue curve and of the traffic, drawn once from `population_seed`. Each
+/// day multiplies every 4-hour pValue level and every 2-hour traffic level
+/// by its own `U(1 - day_noise, 1 + day_noise)`.
+///
+/// Without it ([`SimConfig::recurring`](SimConfig::recurring) = `None`,
+/// the `sparse` and `delayed` presets) every level is a fresh draw per day,
+/// so past days say nothing about the rest of today's prices; with it they
+/// do, and a bidder can learn the day's shape from a log of past days
+/// (`HistoryLpPolicy` is the baseline given that shape by hand).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecurringMarket {
+    /// Seed of the population and of the daily shapes.
+    pub population_seed: u64,
+    /// Day-to-day noise of each level, in `[0, 1)`.
+    pub day_noise: f64,
+}
+
 /// Which preset a configuration started from (for tables and logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preset {
@@ -56,6 +76,9 @@ pub enum Preset {
     Sparse,
     /// The sparse market with DelaySim-like delayed conversions.
     Delayed,
+    /// The sparse market with a population and daily shapes that recur
+    /// across days ([`RecurringMarket`]).
+    Recurring,
 }
 
 impl Preset {
@@ -64,6 +87,7 @@ impl Preset {
         match self {
             Preset::Sparse => "sparse",
             Preset::Delayed => "delayed",
+            Preset::Recurring => "recurring",
         }
     }
 }
@@ -102,6 +126,9 @@ pub struct SimConfig {
     pub exposure: [f64; 3],
     /// Delayed conversions; `None` = observed in the tick they happen.
     pub delay: Option<DelayConfig>,
+    /// A population and daily shapes that recur across days; `None` = every
+    /// day's market drawn afresh.
+    pub recurring: Option<RecurringMarket>,
     /// The advertiser controlled by the policy under test in
     /// [`run_episode`](super::run_episode).
     pub agent: usize,
@@ -126,6 +153,7 @@ impl SimConfig {
             reserve_price: 1e-4,
             exposure: [1.0, 0.8, 0.6],
             delay: None,
+            recurring: None,
             agent: 0,
             budget_ratio: 1.0,
         }
@@ -141,11 +169,26 @@ impl SimConfig {
         }
     }
 
+    /// The sparse market with a recurring population: population seed 7,
+    /// day-to-day noise 0.25 on every level (the shapes themselves span
+    /// the same ranges as the sparse preset's daily draws).
+    pub fn recurring() -> Self {
+        Self {
+            preset: Preset::Recurring,
+            recurring: Some(RecurringMarket {
+                population_seed: 7,
+                day_noise: 0.25,
+            }),
+            ..Self::sparse()
+        }
+    }
+
     /// The preset by name.
     pub fn preset(preset: Preset) -> Self {
         match preset {
             Preset::Sparse => Self::sparse(),
             Preset::Delayed => Self::delayed(),
+            Preset::Recurring => Self::recurring(),
         }
     }
 
@@ -170,6 +213,12 @@ impl SimConfig {
     /// Sets [`delay`](Self::delay).
     pub fn with_delay(mut self, delay: Option<DelayConfig>) -> Self {
         self.delay = delay;
+        self
+    }
+
+    /// Sets [`recurring`](Self::recurring).
+    pub fn with_recurring(mut self, recurring: Option<RecurringMarket>) -> Self {
+        self.recurring = recurring;
         self
     }
 
@@ -258,6 +307,14 @@ impl SimConfig {
                 return bad(
                     "delay",
                     format!("mean {} h is negative or not finite", d.mean_hours),
+                );
+            }
+        }
+        if let Some(r) = self.recurring {
+            if !(r.day_noise.is_finite() && (0.0..1.0).contains(&r.day_noise)) {
+                return bad(
+                    "recurring",
+                    format!("day noise {} is not in [0, 1)", r.day_noise),
                 );
             }
         }

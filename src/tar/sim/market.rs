@@ -73,13 +73,29 @@ impl Market {
         let ticks = config.ticks;
         let fine = ticks / 48;
 
+        // In a recurring market the advertisers and the levels' shapes come
+        // from the population seed, and each day only scales the levels.
+        let population = config.recurring.map_or(seed, |r| r.population_seed);
+        let level = |stream: u64, index: u64, lo: f64, hi: f64| -> f64 {
+            let shape = Rng::new(population, stream, index).range(lo, hi);
+            match config.recurring {
+                None => shape,
+                Some(r) => {
+                    let key = stream << 40 | index;
+                    shape
+                        * Rng::new(seed, kind::DAY_NOISE, key)
+                            .range(1.0 - r.day_noise, 1.0 + r.day_noise)
+                }
+            }
+        };
+
         // Advertisers.
         let (blo, bhi) = config.budget_range;
         let (clo, chi, cstep) = config.cpa_targets;
         let levels = ((chi - clo) / cstep + 1e-9).floor() as usize + 1;
         let advertisers: Vec<Advertiser> = (0..n_adv)
             .map(|i| {
-                let mut rng = Rng::new(seed, kind::ADVERTISER, i as u64);
+                let mut rng = Rng::new(population, kind::ADVERTISER, i as u64);
                 let mut budget = rng.range(blo, bhi);
                 let cpa_target = clo + cstep * rng.below(levels) as f64;
                 let rel_std = (0.5 + 0.1 * rng.normal()).clamp(0.1, 1.0);
@@ -105,7 +121,7 @@ impl Market {
         let mut noisy: Vec<f64> = (0..ticks)
             .map(|t| {
                 let window = (t / fine / 4) as u64;
-                share[t] * Rng::new(seed, kind::TRAFFIC, window).range(0.6, 1.4)
+                share[t] * level(kind::TRAFFIC, window, 0.6, 1.4)
             })
             .collect();
         let sum: f64 = noisy.iter().sum();
@@ -130,16 +146,16 @@ impl Market {
             for t in 0..ticks {
                 let half_hour = t / fine;
                 let window = (half_hour / 8) as u64;
-                let cat = Rng::new(
-                    seed,
+                let cat = level(
                     kind::CATEGORY_CURVE,
                     (adv.category as u64) << 8 | window,
-                )
-                .range(0.3, 1.7);
+                    0.3,
+                    1.7,
+                );
                 let own = if first {
                     1.0
                 } else {
-                    Rng::new(seed, kind::AGENT_CURVE, (i as u64) << 8 | window).range(0.5, 1.5)
+                    level(kind::AGENT_CURVE, (i as u64) << 8 | window, 0.5, 1.5)
                 };
                 let m = config.base_pvalue * cat * own;
                 let jitter = Rng::new(seed, kind::JITTER, (i as u64) << 16 | half_hour as u64)

@@ -79,6 +79,13 @@
 //!   cost never exceeds the budget.
 //! * **Conversions.** A shown slot converts with probability `clip(p + p x
 //!   sigma_ratio x N(0, 1), 0, 1)` (the true value around the prediction `p`).
+//! * **Recurring market** (preset `recurring`, [`RecurringMarket`]). The
+//!   advertisers and every level above (traffic per 2-hour window, category
+//!   and agent factors per 4-hour window) are drawn once from a population
+//!   seed, and each day multiplies each level by its own `U(1 - n, 1 + n)`
+//!   (`n = 0.25`): past days show the shape of today, as AuctionNet's
+//!   periods of one population do. [`HistoryLpPolicy`] is OnlineLP given
+//!   that shape by hand.
 //! * **Delays** (preset `delayed`). A conversion at tick `t` is revealed at
 //!   tick `t + floor(d / tick_hours)`, `d ~ Exponential(2 h)`; those revealed
 //!   after the day's end are never observed within it. The policy's state
@@ -138,6 +145,7 @@ mod config;
 mod episode;
 mod eval;
 mod hindsight;
+mod history;
 mod ledger;
 mod market;
 mod policy;
@@ -147,10 +155,11 @@ mod replay;
 mod rng;
 
 pub use auction::{exposed, Gsp, SlotWin, SLOTS};
-pub use config::{DelayConfig, Preset, SimConfig, SimError};
+pub use config::{DelayConfig, Preset, RecurringMarket, SimConfig, SimError};
 pub use episode::{run_episode, run_episode_with, AdvertiserOutcome, EpisodeLog, MIN_BUDGET};
 pub use eval::{evaluate, mean_ci95, Evaluation};
 pub use hindsight::HindsightLpPolicy;
+pub use history::{HistoryLpPolicy, PriceHistory};
 pub use market::{Advertiser, Market, TickTraffic};
 pub use policy::{
     ConstantPolicy, DayContext, Observation, OnlineLpPolicy, PidPolicy, Policy, PopulationPolicy,

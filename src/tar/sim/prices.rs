@@ -27,11 +27,11 @@
 
 use super::policy::TickFeedback;
 
-const BINS: usize = 600;
+pub(crate) const BINS: usize = 600;
 const LOG_MIN: f64 = -1.0;
 const LOG_MAX: f64 = 5.0;
 
-fn bin_of(cost_per_value: f64) -> usize {
+pub(crate) fn bin_of(cost_per_value: f64) -> usize {
     let x = (cost_per_value.log10() - LOG_MIN) / (LOG_MAX - LOG_MIN) * BINS as f64;
     if x.is_nan() || x < 0.0 {
         0

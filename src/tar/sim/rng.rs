@@ -35,6 +35,9 @@ pub(crate) mod kind {
     /// Offline replay: the over-spend rule's withdrawals, keyed by the
     /// logged day's seed (part of the market, not of the outcome noise).
     pub const REPLAY_OVERSPEND: u64 = 14;
+    /// Recurring market: a level's day-to-day noise, keyed by the day's
+    /// seed (the level's shape is keyed by the population seed).
+    pub const DAY_NOISE: u64 = 15;
 }
 
 /// A splitmix64 stream keyed by `(seed, kind, index)`.

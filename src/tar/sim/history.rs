@@ -1,0 +1,270 @@
+//! OnlineLP as AuctionNet runs it: the LP solved on *past days'* prices.
+//!
+//! [`OnlineLpPolicy`](super::OnlineLpPolicy) forecasts the rest of the day
+//! from the prices seen today, which is all a bidder can do when every
+//! day's market is drawn afresh (the `sparse` and `delayed` presets). In a
+//! [recurring market](super::RecurringMarket) the day has a shape that past
+//! days show, and AuctionNet's OnlineLP baseline reads it from its training
+//! logs. [`HistoryLpPolicy`] is that baseline: the hand-written bidder given
+//! the structure a learned bidder could learn, so that a learned bidder's
+//! gain is measured against it and not against a bidder blind to it.
+//!
+//! ```text
+//!  past days' MarketLogs of advertiser a (same population)
+//!     └─► PriceHistory: per tick t, per cost-per-value bin b:
+//!         mean cost[t][b], mean value[t][b]; suffix sums over t..
+//!  tick t: rest[b] = suffix[t][b] (x today's level^w, see below)
+//!     └─► cheapest bins first while spend <= budget left and CPA <= target
+//!         bid = the last bin's upper edge (cap 1.3 CPA targets)
+//! ```
+//!
+//! Costs are projected with the markup of charged over predicted cost that
+//! today's feedback calibrates ([`PriceMemory::markup`]), as OnlineLP does.
+//! With `level_weight = w > 0` the history's prices are also multiplied by
+//! `level^w`, `level` being today's cost per value over the history's on
+//! the ticks seen so far (a day-wide correction; `w = 0`, the default, is
+//! the pure history).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::config::SimError;
+use super::policy::{DayContext, Observation, OnlineLpPolicy, Policy};
+use super::prices::{bin_of, bin_upper, PriceMemory, BINS};
+use super::replay::MarketLog;
+
+/// One advertiser's mean prices per tick over past days: what
+/// [`HistoryLpPolicy`] plans with.
+#[derive(Debug, Clone)]
+pub struct PriceHistory {
+    advertiser: usize,
+    days: usize,
+    /// `rest_cost[t * BINS + b]`: mean cost of bin `b` over ticks `t..`.
+    rest_cost: Vec<f64>,
+    /// The same for pValue.
+    rest_value: Vec<f64>,
+    /// `seen_cost[t]`, `seen_value[t]`: mean total cost and pValue of
+    /// ticks `..t` (for today's level).
+    seen_cost: Vec<f64>,
+    seen_value: Vec<f64>,
+}
+
+impl PriceHistory {
+    /// The mean prices of `logs`, which must all be of one advertiser and
+    /// have the same number of ticks.
+    ///
+    /// # Errors
+    ///
+    /// [`SimError::NoEpisodes`] for no logs; [`SimError::Config`] (field
+    /// `history`) if the logs are of different advertisers or day lengths.
+    pub fn from_logs(logs: &[MarketLog]) -> Result<Self, SimError> {
+        let first = logs.first().ok_or(SimError::NoEpisodes)?;
+        let (advertiser, ticks) = (first.advertiser(), first.ticks().len());
+        if let Some(other) = logs
+            .iter()
+            .find(|l| l.advertiser() != advertiser || l.ticks().len() != ticks)
+        {
+            return Err(SimError::Config {
+                field: "history",
+                message: format!(
+                    "a log of advertiser {} with {} ticks among logs of advertiser {advertiser} with {ticks}",
+                    other.advertiser(),
+                    other.ticks().len()
+                ),
+            });
+        }
+        let days = logs.len();
+        let mut cost = vec![0.0; (ticks + 1) * BINS];
+        let mut value = vec![0.0; (ticks + 1) * BINS];
+        for log in logs {
+            for (t, tick) in log.ticks().iter().enumerate() {
+                for (&p, &c) in tick.pvalues().iter().zip(tick.least_winning_costs()) {
+                    let (p, c) = (p as f64, c as f64);
+                    if p > 0.0 && c > 0.0 {
+                        let b = bin_of(c / p);
+                        cost[t * BINS + b] += c / days as f64;
+                        value[t * BINS + b] += p / days as f64;
+                    }
+                }
+            }
+        }
+        let (mut seen_cost, mut seen_value) = (vec![0.0; ticks + 1], vec![0.0; ticks + 1]);
+        for t in 0..ticks {
+            let row = t * BINS..(t + 1) * BINS;
+            seen_cost[t + 1] = seen_cost[t] + cost[row.clone()].iter().sum::<f64>();
+            seen_value[t + 1] = seen_value[t] + value[row].iter().sum::<f64>();
+        }
+        // Suffix sums: row t holds ticks t.., row `ticks` stays zero.
+        for t in (0..ticks).rev() {
+            for b in 0..BINS {
+                cost[t * BINS + b] += cost[(t + 1) * BINS + b];
+                value[t * BINS + b] += value[(t + 1) * BINS + b];
+            }
+        }
+        Ok(Self {
+            advertiser,
+            days,
+            rest_cost: cost,
+            rest_value: value,
+            seen_cost,
+            seen_value,
+        })
+    }
+
+    /// The advertiser the history is of.
+    pub fn advertiser(&self) -> usize {
+        self.advertiser
+    }
+
+    /// Days averaged.
+    pub fn days(&self) -> usize {
+        self.days
+    }
+
+    /// Ticks per day.
+    pub fn ticks(&self) -> usize {
+        self.seen_cost.len() - 1
+    }
+
+    /// Mean cost and pValue per bin over ticks `tick..` (empty past the
+    /// end).
+    fn rest(&self, tick: usize) -> (&[f64], &[f64]) {
+        let t = tick.min(self.ticks());
+        (
+            &self.rest_cost[t * BINS..(t + 1) * BINS],
+            &self.rest_value[t * BINS..(t + 1) * BINS],
+        )
+    }
+}
+
+/// OnlineLP on past days' prices (see the module docs): each tick, the
+/// cheapest-first threshold over the history's mean remaining PVs that
+/// spends the budget left without pushing the CPA past the target.
+///
+/// Advertisers without a history are bid for by a plain
+/// [`OnlineLpPolicy`], so the policy runs on any day.
+///
+/// ```
+/// use nann::tar::sim::{evaluate, HistoryLpPolicy, MarketLog, PriceHistory, SimConfig};
+///
+/// let config = SimConfig::recurring().with_pvs_per_day(5_000);
+/// let past = (100..104)
+///     .map(|seed| MarketLog::record(&config, seed))
+///     .collect::<Result<Vec<_>, _>>()?;
+/// let mut policy = HistoryLpPolicy::new([PriceHistory::from_logs(&past)?]);
+/// let eval = evaluate(&config.with_budget_ratio(0.5), &mut policy, 0..2)?;
+/// assert_eq!(eval.scores.len(), 2);
+/// # Ok::<(), nann::tar::sim::SimError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct HistoryLpPolicy {
+    histories: HashMap<usize, Arc<PriceHistory>>,
+    /// Cap on alpha as a multiple of the CPA target.
+    pub cap: f64,
+    /// Exponent of today's price level over the history's (0 = the pure
+    /// history).
+    pub level_weight: f64,
+    today: Option<Arc<PriceHistory>>,
+    fallback: OnlineLpPolicy,
+    prices: PriceMemory,
+    today_cost: f64,
+    today_value: f64,
+    alpha: f64,
+}
+
+impl HistoryLpPolicy {
+    /// The policy with one history per advertiser (a later history of the
+    /// same advertiser replaces an earlier one).
+    pub fn new(histories: impl IntoIterator<Item = PriceHistory>) -> Self {
+        Self {
+            histories: histories
+                .into_iter()
+                .map(|h| (h.advertiser, Arc::new(h)))
+                .collect(),
+            cap: 1.3,
+            level_weight: 0.0,
+            today: None,
+            fallback: OnlineLpPolicy::default(),
+            prices: PriceMemory::new(48),
+            today_cost: 0.0,
+            today_value: 0.0,
+            alpha: 0.0,
+        }
+    }
+
+    /// Sets [`level_weight`](Self::level_weight) (a non-finite value leaves
+    /// it).
+    pub fn with_level_weight(mut self, weight: f64) -> Self {
+        if weight.is_finite() {
+            self.level_weight = weight;
+        }
+        self
+    }
+}
+
+impl Policy for HistoryLpPolicy {
+    fn name(&self) -> &str {
+        "history_lp"
+    }
+
+    fn begin_day(&mut self, day: &DayContext<'_>) {
+        self.today = self
+            .histories
+            .get(&day.advertiser)
+            .filter(|h| h.ticks() == day.ticks)
+            .cloned();
+        self.fallback.begin_day(day);
+        self.prices = PriceMemory::new(day.ticks);
+        self.today_cost = 0.0;
+        self.today_value = 0.0;
+        self.alpha = day.cpa_target;
+    }
+
+    fn act(&mut self, obs: &Observation<'_>) -> f64 {
+        let Some(history) = self.today.clone() else {
+            return self.fallback.act(obs);
+        };
+        let cap = self.cap * obs.cpa_target;
+        if let Some(last) = obs.last {
+            self.prices.observe(&last, self.alpha);
+            for (&p, &c) in last.pvalues.iter().zip(last.least_winning_cost) {
+                if p > 0.0 && c > 0.0 {
+                    self.today_cost += c as f64;
+                    self.today_value += p as f64;
+                }
+            }
+        }
+        // Today's cost per value over the history's on the ticks seen.
+        let t = obs.tick.min(history.ticks());
+        let level = if self.level_weight != 0.0
+            && self.today_value > 0.0
+            && history.seen_value[t] > 0.0
+            && history.seen_cost[t] > 0.0
+        {
+            let today = self.today_cost / self.today_value;
+            let past = history.seen_cost[t] / history.seen_value[t];
+            (today / past).powf(self.level_weight)
+        } else {
+            1.0
+        };
+        let k = self.prices.markup() * self.prices.exposure_rate() * level;
+        let (rest_cost, rest_value) = history.rest(obs.tick);
+        let (mut cost, mut value) = (0.0, 0.0);
+        let mut alpha = cap;
+        for (b, (&c, &v)) in rest_cost.iter().zip(rest_value).enumerate() {
+            // OnlineLP's CPA test, on the history's prices.
+            if v > 0.0 && (cost + c) * k > obs.cpa_target * (value + v) {
+                alpha = bin_upper(b.saturating_sub(1)) * level;
+                break;
+            }
+            cost += c;
+            value += v;
+            if cost * k >= obs.remaining {
+                alpha = bin_upper(b) * level;
+                break;
+            }
+        }
+        self.alpha = alpha.min(cap);
+        self.alpha
+    }
+}
