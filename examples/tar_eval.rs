@@ -43,7 +43,9 @@
 //! (`nann::tar::sim::HistoryLpPolicy`: OnlineLP solved on N past days'
 //! prices of the test day's advertiser, seeds from 3,000,000, as
 //! AuctionNet's OnlineLP reads its training logs); the paired comparison
-//! then counts it among the baselines. `--presets` also takes `recurring`
+//! then counts it among the baselines; with `--tar-history` every TAR
+//! variant's rest-of-day reading is solved on the same histories
+//! (`TarPolicy::with_price_histories`) instead of the prices seen today. `--presets` also takes `recurring`
 //! (`SimConfig::recurring`: one population and daily shape every day).
 //! `--replay` plays every policy on offline replays of the test days
 //! (`nann::tar::sim::run_replay`: win iff the bid beats the logged least
@@ -113,6 +115,9 @@ struct Args {
     /// Past days per advertiser for the `history_lp` baseline (`--history`;
     /// 0 = no such row).
     history: u64,
+    /// TAR variants price their rest-of-day reading on the same histories
+    /// (`--tar-history`).
+    tar_history: bool,
     replay: bool,
 }
 
@@ -156,6 +161,7 @@ fn parse() -> Result<Args, String> {
         cuda: false,
         hindsight: 0.0,
         history: 0,
+        tar_history: false,
     };
     let mut i = 0;
     while i < raw.len() {
@@ -220,6 +226,7 @@ fn parse() -> Result<Args, String> {
             "--spend" => args.spend = num(&value()?)?,
             "--hindsight" => args.hindsight = num(&value()?)?,
             "--history" => args.history = num(&value()?)?,
+            "--tar-history" => args.tar_history = true,
             "--max-action" => args.max_action = num(&value()?)?,
             "--cpa-ratio" => args.cpa_ratio = num(&value()?)?,
             "--samples" => args.samples = num(&value()?)?,
@@ -546,11 +553,11 @@ fn main() -> Result<(), Box<dyn Error>> {
             ),
         ];
         // `--history N`: OnlineLP on N past days of each test advertiser.
-        if args.history > 0 {
+        let histories: Vec<Arc<PriceHistory>> = if args.history > 0 {
             let mut agents: Vec<usize> = (0..args.eval_days).map(agent_of).collect();
             agents.sort_unstable();
             agents.dedup();
-            let histories = std::thread::scope(|s| {
+            std::thread::scope(|s| {
                 let handles: Vec<_> = agents
                     .chunks(agents.len().div_ceil(args.threads.max(1)).max(1))
                     .map(|chunk| {
@@ -585,8 +592,14 @@ fn main() -> Result<(), Box<dyn Error>> {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
-            .flatten();
-            let policy = HistoryLpPolicy::new(histories);
+            .flatten()
+            .map(Arc::new)
+            .collect()
+        } else {
+            Vec::new()
+        };
+        if !histories.is_empty() {
+            let policy = HistoryLpPolicy::new(histories.iter().cloned());
             factories.push((
                 "history_lp".into(),
                 Box::new(move || Box::new(policy.clone()) as Box<dyn Policy + Send>),
@@ -707,6 +720,11 @@ fn main() -> Result<(), Box<dyn Error>> {
             let (spend, cpa_ratio, max_action) = (args.spend, args.cpa_ratio, args.max_action);
             let inverse = inverse.clone();
             let (market, ticks) = (args.market, sim.ticks);
+            let tar_histories = if args.tar_history {
+                histories.clone()
+            } else {
+                Vec::new()
+            };
             factories.push((
                 name.into(),
                 Box::new(move || {
@@ -722,6 +740,9 @@ fn main() -> Result<(), Box<dyn Error>> {
                     }
                     if let Some(reading) = market {
                         policy = policy.with_market_reading(reading, ticks);
+                    }
+                    if !tar_histories.is_empty() {
+                        policy = policy.with_price_histories(tar_histories.iter().cloned());
                     }
                     if let Some(generator) = &generator {
                         policy = policy.with_generator(generator.clone());

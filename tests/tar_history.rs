@@ -1,13 +1,17 @@
 //! The recurring market (`SimConfig::recurring`) and the baseline given its
-//! structure (`HistoryLpPolicy`: OnlineLP solved on past days' prices).
+//! structure (`HistoryLpPolicy`: OnlineLP solved on past days' prices), and
+//! TAR's plan priced on such a history (`TarPolicy::with_price_histories`).
 #![cfg(feature = "tar")]
 
 use std::sync::Arc;
 
+use nann::tar::model::{TarConfig, TarModel};
 use nann::tar::sim::{
-    evaluate, evaluate_replay, run_replay, HindsightLpPolicy, HistoryLpPolicy, Market, MarketLog,
-    OnlineLpPolicy, PriceHistory, RecurringMarket, SimConfig, SimError,
+    evaluate, evaluate_replay, run_replay, DayContext, HindsightLpPolicy, HistoryLpPolicy, Market,
+    MarketLog, Observation, OnlineLpPolicy, Policy, PriceHistory, RecurringMarket, SimConfig,
+    SimError,
 };
+use nann::tar::{MarketReading, TarPolicy};
 
 fn recurring(population_seed: u64, day_noise: f64) -> Option<RecurringMarket> {
     Some(RecurringMarket {
@@ -178,4 +182,99 @@ fn in_the_recurring_market_past_days_beat_todays_prices() {
         history.mean,
         online.mean
     );
+}
+
+#[test]
+fn the_history_threshold_is_the_cheapest_price_that_spends_the_amount() {
+    // Checked against the log directly: the PVs of ticks t.. whose cost
+    // per value is at most the threshold cost at least `spend`, and those
+    // at most one bin (10^(6/600), 2.3%) cheaper cost less.
+    let config = SimConfig::sparse().with_pvs_per_day(10_000);
+    let log = MarketLog::record(&config, 4).unwrap();
+    let history = PriceHistory::from_logs(std::slice::from_ref(&log)).unwrap();
+    let bought = |t: usize, threshold: f64| -> f64 {
+        log.ticks()[t..]
+            .iter()
+            .flat_map(|k| k.pvalues().iter().zip(k.least_winning_costs()))
+            .filter(|(&p, &c)| p > 0.0 && c > 0.0 && (c as f64) / (p as f64) <= threshold)
+            .map(|(_, &c)| c as f64)
+            .sum()
+    };
+    let bin = 10f64.powf(6.0 / 600.0);
+    let mut checked = 0;
+    for t in [0, 10, 30, 47] {
+        let total = bought(t, f64::INFINITY);
+        for share in [0.01, 0.1, 0.5] {
+            let spend = share * total;
+            let threshold = history
+                .threshold(t, spend, f64::INFINITY, 1.0)
+                .expect("a share of the rest is always bought");
+            assert!(
+                bought(t, threshold * 1.0001) >= spend,
+                "tick {t} share {share}"
+            );
+            assert!(
+                bought(t, threshold / bin / 1.0001) < spend,
+                "tick {t} share {share}"
+            );
+            checked += 1;
+        }
+        // More than the rest of the day costs: no threshold binds.
+        assert_eq!(
+            history.threshold(t, 1.01 * total + 1.0, f64::INFINITY, 1.0),
+            None
+        );
+    }
+    assert_eq!(checked, 12);
+}
+
+/// Records the bids of the policy it wraps.
+struct Recording<P> {
+    inner: P,
+    alphas: Vec<f64>,
+}
+
+impl<P: Policy> Policy for Recording<P> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn begin_day(&mut self, day: &DayContext<'_>) {
+        self.inner.begin_day(day);
+    }
+    fn act(&mut self, obs: &Observation<'_>) -> f64 {
+        let alpha = self.inner.act(obs);
+        self.alphas.push(alpha / obs.cpa_target);
+        alpha
+    }
+}
+
+#[test]
+fn tar_prices_its_plan_on_the_history_of_its_own_advertiser_only() {
+    let config = SimConfig::sparse()
+        .with_pvs_per_day(10_000)
+        .with_budget_ratio(0.5);
+    let ppt = config.pvs_per_day as f64 / config.ticks as f64;
+    let model = Arc::new(TarModel::random(TarConfig::default(), 3).unwrap());
+    let log = MarketLog::record(&config, 8).unwrap();
+    let own = PriceHistory::from_logs(std::slice::from_ref(&log)).unwrap();
+    let other =
+        PriceHistory::from_logs(&[MarketLog::record(&config.clone().with_agent(9), 8).unwrap()])
+            .unwrap();
+    let bids = |histories: Vec<PriceHistory>| -> Vec<f64> {
+        let mut policy = Recording {
+            inner: TarPolicy::new(model.clone(), 1.0, ppt)
+                .with_market_reading(MarketReading::RestOfDay { cpa_guard: true }, config.ticks)
+                .with_price_histories(histories)
+                .with_seed(5),
+            alphas: Vec::new(),
+        };
+        run_replay(&config, &log, 1, &mut policy).unwrap();
+        assert_eq!(policy.inner.errors(), 0);
+        policy.alphas
+    };
+    let plain = bids(Vec::new());
+    assert_eq!(bids(vec![other]), plain);
+    let with_own = bids(vec![own]);
+    assert_ne!(with_own, plain);
+    assert!(with_own.iter().all(|&a| (0.0..=1.3 + 1e-6).contains(&a)));
 }

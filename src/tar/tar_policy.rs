@@ -12,7 +12,8 @@
 //!          with a market reading (PriceMemory of the day's prices):
 //!            NextTick:  a_t = the bid that spends pace x budget left in this tick's PVs
 //!            RestOfDay: a_t = the one threshold that spends the plan's rest-of-day
-//!                       share over the traffic to come (optionally <= OnlineLP's CPA threshold)
+//!                       share over the traffic to come (optionally <= OnlineLP's CPA threshold);
+//!                       with price histories, solved on the mean past day instead
 //!          without either: a_t = x_hat[t+1][ACTION_SLOT] (the paper's reading)
 //!          alpha_t = a_t x CPA  (median over `samples` draws, clamped to [0, 1.3 CPA])
 //! ```
@@ -24,12 +25,13 @@
 //! [`inverse`](super::inverse)), so the inverse-dynamics reading keeps the
 //! plan's *pacing* and leaves the bid to a model of the market.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::data::{step_features, SplitMix};
 use super::inverse::InverseDynamics;
 use super::model::{GenerateOptions, Matched, PlanGenerator, TarModel, ACTION_SLOT, STEP_FEATURES};
-use super::sim::{DayContext, Observation, Policy, PriceMemory};
+use super::sim::{DayContext, Observation, Policy, PriceHistory, PriceMemory};
 
 /// Default bid cap, in CPA targets: [`OnlineLpPolicy`](super::sim::OnlineLpPolicy)'s,
 /// chosen the same way (60 validation days): 13.9 / 19.3 without a cap
@@ -69,6 +71,10 @@ pub struct TarPolicy {
     generator: Arc<dyn PlanGenerator>,
     inverse: Option<Arc<InverseDynamics>>,
     market: Option<(PriceMemory, MarketReading)>,
+    /// Past days' prices per advertiser, for the rest-of-day reading.
+    histories: Arc<HashMap<usize, Arc<PriceHistory>>>,
+    /// Today's advertiser's history, if any.
+    day_history: Option<Arc<PriceHistory>>,
     share: Vec<f64>,
     target_efficiency: f32,
     target_spend: f32,
@@ -102,6 +108,8 @@ impl TarPolicy {
             model,
             inverse: None,
             market: None,
+            histories: Arc::new(HashMap::new()),
+            day_history: None,
             share: Vec::new(),
             target_efficiency,
             target_spend: 0.95,
@@ -150,6 +158,29 @@ impl TarPolicy {
     /// [`with_inverse_dynamics`](Self::with_inverse_dynamics).
     pub fn with_market_reading(mut self, reading: MarketReading, ticks: usize) -> Self {
         self.market = Some((PriceMemory::new(ticks), reading));
+        self
+    }
+
+    /// Prices the [`MarketReading::RestOfDay`] reading on past days' prices
+    /// (one [`PriceHistory`] per advertiser, as
+    /// [`HistoryLpPolicy`](super::sim::HistoryLpPolicy) bids) instead of
+    /// the prices seen today: the plan's rest-of-day spend, and the CPA
+    /// guard, are solved on the history's mean remaining day. Days of an
+    /// advertiser without a history, and the other readings, are
+    /// unchanged.
+    pub fn with_price_histories<H: Into<Arc<PriceHistory>>>(
+        mut self,
+        histories: impl IntoIterator<Item = H>,
+    ) -> Self {
+        self.histories = Arc::new(
+            histories
+                .into_iter()
+                .map(|h| {
+                    let h = h.into();
+                    (h.advertiser(), h)
+                })
+                .collect(),
+        );
         self
     }
 
@@ -270,14 +301,26 @@ impl TarPolicy {
                                 self.share.get(obs.tick..).map_or(0.0, |s| s.iter().sum());
                             let rest_pvs = rest * self.pvs_per_tick * self.share.len() as f64;
                             let spend = rate as f64 * left_now * self.budget;
-                            let day = memory.bid_for_spend(spend, rest_pvs.round() as usize);
-                            let guard = cpa_guard
-                                .then(|| memory.cpa_threshold(self.cpa_target))
-                                .flatten();
-                            self.bid_in_cpa(match (day, guard) {
-                                (Some(d), Some(g)) => Some(d.min(g)),
-                                (d, g) => d.or(g),
-                            })
+                            if let Some(history) = &self.day_history {
+                                // OnlineLP's problem on the history, with
+                                // the plan's spend as the budget.
+                                let k = memory.markup() * memory.exposure_rate();
+                                let cpa = if *cpa_guard {
+                                    self.cpa_target
+                                } else {
+                                    f64::INFINITY
+                                };
+                                self.bid_in_cpa(history.threshold(obs.tick, spend, cpa, k))
+                            } else {
+                                let day = memory.bid_for_spend(spend, rest_pvs.round() as usize);
+                                let guard = cpa_guard
+                                    .then(|| memory.cpa_threshold(self.cpa_target))
+                                    .flatten();
+                                self.bid_in_cpa(match (day, guard) {
+                                    (Some(d), Some(g)) => Some(d.min(g)),
+                                    (d, g) => d.or(g),
+                                })
+                            }
                         }
                         (None, Some(inverse)) => {
                             let rate = ((now[1] - planned_left) / now[1].max(1e-3)).clamp(0.0, 1.0);
@@ -307,6 +350,11 @@ impl Policy for TarPolicy {
         self.budget = day.budget;
         self.cpa_target = day.cpa_target;
         self.share = day.traffic_share.to_vec();
+        self.day_history = self
+            .histories
+            .get(&day.advertiser)
+            .filter(|h| h.ticks() == day.ticks)
+            .cloned();
         self.history.clear();
         self.prev_action = 0.0;
         self.prev_alpha = 0.0;

@@ -126,6 +126,50 @@ impl PriceHistory {
         self.seen_cost.len() - 1
     }
 
+    /// OnlineLP's threshold over the mean past day's ticks `tick..`: the
+    /// upper edge of the last cost-per-value bin bought, cheapest first,
+    /// before the projected cost (mean cost x `cost_factor`) reaches
+    /// `spend` or the running CPA (projected cost over mean pValue) would
+    /// pass `cpa_target`; `None` when neither binds (bid the cap).
+    ///
+    /// `cost_factor` turns the logged least winning costs into the cost
+    /// charged: [`PriceMemory::markup`] x [`PriceMemory::exposure_rate`] as
+    /// OnlineLP projects them. Pass `f64::INFINITY` as `cpa_target` for no
+    /// CPA guard.
+    ///
+    /// ```
+    /// use nann::tar::sim::{MarketLog, PriceHistory, SimConfig};
+    ///
+    /// let log = MarketLog::record(&SimConfig::sparse().with_pvs_per_day(5_000), 1)?;
+    /// let history = PriceHistory::from_logs(&[log])?;
+    /// let cheap = history.threshold(0, 10.0, f64::INFINITY, 1.0).unwrap();
+    /// let dear = history.threshold(0, 1_000.0, f64::INFINITY, 1.0).unwrap();
+    /// assert!(cheap < dear);
+    /// # Ok::<(), nann::tar::sim::SimError>(())
+    /// ```
+    pub fn threshold(
+        &self,
+        tick: usize,
+        spend: f64,
+        cpa_target: f64,
+        cost_factor: f64,
+    ) -> Option<f64> {
+        let (rest_cost, rest_value) = self.rest(tick);
+        let (mut cost, mut value) = (0.0, 0.0);
+        for (b, (&c, &v)) in rest_cost.iter().zip(rest_value).enumerate() {
+            // OnlineLP's CPA test, on the history's prices.
+            if v > 0.0 && (cost + c) * cost_factor > cpa_target * (value + v) {
+                return Some(bin_upper(b.saturating_sub(1)));
+            }
+            cost += c;
+            value += v;
+            if cost * cost_factor >= spend {
+                return Some(bin_upper(b));
+            }
+        }
+        None
+    }
+
     /// Mean cost and pValue per bin over ticks `tick..` (empty past the
     /// end).
     fn rest(&self, tick: usize) -> (&[f64], &[f64]) {
@@ -174,12 +218,16 @@ pub struct HistoryLpPolicy {
 
 impl HistoryLpPolicy {
     /// The policy with one history per advertiser (a later history of the
-    /// same advertiser replaces an earlier one).
-    pub fn new(histories: impl IntoIterator<Item = PriceHistory>) -> Self {
+    /// same advertiser replaces an earlier one); histories may be shared
+    /// (`Arc<PriceHistory>`).
+    pub fn new<H: Into<Arc<PriceHistory>>>(histories: impl IntoIterator<Item = H>) -> Self {
         Self {
             histories: histories
                 .into_iter()
-                .map(|h| (h.advertiser, Arc::new(h)))
+                .map(|h| {
+                    let h = h.into();
+                    (h.advertiser, h)
+                })
                 .collect(),
             cap: 1.3,
             level_weight: 0.0,
@@ -248,22 +296,9 @@ impl Policy for HistoryLpPolicy {
             1.0
         };
         let k = self.prices.markup() * self.prices.exposure_rate() * level;
-        let (rest_cost, rest_value) = history.rest(obs.tick);
-        let (mut cost, mut value) = (0.0, 0.0);
-        let mut alpha = cap;
-        for (b, (&c, &v)) in rest_cost.iter().zip(rest_value).enumerate() {
-            // OnlineLP's CPA test, on the history's prices.
-            if v > 0.0 && (cost + c) * k > obs.cpa_target * (value + v) {
-                alpha = bin_upper(b.saturating_sub(1)) * level;
-                break;
-            }
-            cost += c;
-            value += v;
-            if cost * k >= obs.remaining {
-                alpha = bin_upper(b) * level;
-                break;
-            }
-        }
+        let alpha = history
+            .threshold(obs.tick, obs.remaining, obs.cpa_target, k)
+            .map_or(cap, |a| a * level);
         self.alpha = alpha.min(cap);
         self.alpha
     }
