@@ -212,7 +212,7 @@ impl Policy for PidPolicy {
 /// AuctionNet fits its histograms offline on past days per category and
 /// tick; this one learns within the day only.
 /// [`HistoryLpPolicy`](super::HistoryLpPolicy) is the AuctionNet way, and
-/// scores 8-14% above this one at budget ratios 0.5-0.75 even when every
+/// scores 8-16% above this one at budget ratios 0.5-0.75 even when every
 /// day's market is drawn afresh (BENCHMARKS.md, fifteenth session): the
 /// mean past day forecasts the rest of today better than today's recent
 /// prices.
