@@ -20,8 +20,16 @@
 //! tick and its bid is two more features: if the plan knew something about
 //! the rest of the day that the prices seen do not, the fit would use them.
 //!
+//! With `--history N` (fifteenth session) each advertiser's mean of N past
+//! days (`nann::tar::sim::PriceHistory`, seeds 3,000,000+) gives two more
+//! features, `HistoryLpPolicy`'s spend and CPA thresholds, and the table
+//! adds `history_lp` itself: what the prices seen *today* add to a
+//! forecast that already has the past days is the headroom a learned
+//! bidder has over `history_lp`.
+//!
 //! ```sh
 //! cargo run --release --example hindsight_forecast
+//! cargo run --release --example hindsight_forecast -- --history 10
 //! cargo run --release --features train --example tar_eval -- --presets sparse --variants tar --save target/tar-weights2
 //! cargo run --release --example hindsight_forecast -- --tar target/tar-weights2
 //! ```
@@ -32,13 +40,14 @@ use std::sync::Arc;
 use nann::tar::data::{DataConfig, Dataset};
 use nann::tar::model::{GenerateOptions, TarModel};
 use nann::tar::sim::{
-    run_episode, run_replay, DayContext, HindsightLpPolicy, MarketLog, Observation, OnlineLpPolicy,
-    Policy, PriceMemory, SimConfig,
+    run_episode, run_replay, DayContext, HindsightLpPolicy, HistoryLpPolicy, MarketLog,
+    Observation, OnlineLpPolicy, Policy, PriceHistory, PriceMemory, SimConfig,
 };
 use nann::tar::{MarketReading, TarPolicy};
 
-/// Features: 12 from the prices seen and the day, 2 from TAR's bid.
-const FEATURES: usize = 14;
+/// Features: 12 from the prices seen and the day, 2 from TAR's bid, 2
+/// from the past days' prices (zero when absent).
+const FEATURES: usize = 16;
 const CAP: f64 = 1.3;
 
 /// The bidder: OnlineLP until it has weights, then `exp(w . features) x CPA`.
@@ -48,6 +57,9 @@ struct Forecaster<'a> {
     whole_day: PriceMemory,
     lp: OnlineLpPolicy,
     tar: Option<TarPolicy>,
+    /// Past days' prices per advertiser (`--history`), and today's.
+    histories: &'a [Arc<PriceHistory>],
+    history: Option<Arc<PriceHistory>>,
     share: Vec<f64>,
     pvs_per_tick: f64,
     budget: f64,
@@ -58,7 +70,12 @@ struct Forecaster<'a> {
 }
 
 impl<'a> Forecaster<'a> {
-    fn new(weights: Option<[f64; FEATURES]>, tar: Option<TarPolicy>, sim: &SimConfig) -> Self {
+    fn new(
+        weights: Option<[f64; FEATURES]>,
+        tar: Option<TarPolicy>,
+        histories: &'a [Arc<PriceHistory>],
+        sim: &SimConfig,
+    ) -> Self {
         let ticks = sim.ticks;
         Self {
             weights,
@@ -66,6 +83,8 @@ impl<'a> Forecaster<'a> {
             whole_day: PriceMemory::with_rates(ticks, 1.0, 0.8),
             lp: OnlineLpPolicy::default(),
             tar,
+            histories,
+            history: None,
             share: Vec::new(),
             pvs_per_tick: sim.pvs_per_day as f64 / ticks.max(1) as f64,
             budget: 0.0,
@@ -87,6 +106,17 @@ impl<'a> Forecaster<'a> {
         let time_left = (obs.ticks - obs.tick) as f64 / obs.ticks.max(1) as f64;
         let budget_left = obs.remaining / self.budget.max(1e-9);
         let tar = tar_alpha.map_or(0.0, |a| log_cpa(Some(a)));
+        // The history LP's two thresholds, costs projected as it does.
+        let (spend_past, guard_past) = match &self.history {
+            Some(h) => {
+                let k = self.recent.markup() * self.recent.exposure_rate();
+                (
+                    log_cpa(h.threshold(obs.tick, obs.remaining, f64::INFINITY, k)),
+                    log_cpa(h.threshold(obs.tick, f64::INFINITY, cpa, k)),
+                )
+            }
+            None => (0.0, 0.0),
+        };
         [
             1.0,
             spend_recent,
@@ -106,6 +136,8 @@ impl<'a> Forecaster<'a> {
             } else {
                 0.0
             },
+            spend_past,
+            guard_past,
         ]
     }
 }
@@ -124,6 +156,11 @@ impl Policy for Forecaster<'_> {
         self.share = day.traffic_share.to_vec();
         self.budget = day.budget;
         self.alpha = day.cpa_target;
+        self.history = self
+            .histories
+            .iter()
+            .find(|h| h.advertiser() == day.advertiser)
+            .cloned();
         if let Some((_, label)) = &mut self.label_from {
             label.begin_day(day);
         }
@@ -245,6 +282,22 @@ fn main() -> Result<(), Box<dyn Error>> {
         }
         None => None,
     };
+    // `--history N`: N past days of every advertiser (seeds 3,000,000 +
+    // 10,000 a + k, as tar_eval's).
+    let history_days: u64 = value("--history").map_or(Ok(0), |v| v.parse())?;
+    let histories: Vec<Arc<PriceHistory>> = if history_days > 0 {
+        (0..48usize)
+            .map(|a| {
+                let day = sim.clone().with_agent(a);
+                let past = (0..history_days)
+                    .map(|k| MarketLog::record(&day, 3_000_000 + a as u64 * 10_000 + k))
+                    .collect::<Result<Vec<_>, _>>()?;
+                PriceHistory::from_logs(&past).map(Arc::new)
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
     let ratios = [0.5, 0.75];
     // Shared with the labelling bidders (no copy of a day per replay).
     let train: Vec<Arc<MarketLog>> = (0..train_days)
@@ -254,7 +307,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .map(|i| MarketLog::record(&sim.clone().with_agent(agent_of(i)), 2_000_000 + i))
         .collect::<Result<_, _>>()?;
     println!(
-        "sparse, {train_days} training days x ratios {ratios:?}, {days} validation days, TAR feature: {}",
+        "sparse, {train_days} training days x ratios {ratios:?}, {days} validation days, TAR feature: {}, history days: {history_days}",
         tar.is_some()
     );
 
@@ -267,7 +320,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                     .clone()
                     .with_agent(agent_of(i as u64))
                     .with_budget_ratio(ratio);
-                let mut bidder = Forecaster::new(weights, tar.clone(), &sim);
+                let mut bidder = Forecaster::new(weights, tar.clone(), &histories, &sim);
                 let label = HindsightLpPolicy::new(log.clone());
                 bidder.label_from = Some((log, label));
                 run_replay(&config, log, log.seed(), &mut bidder)?;
@@ -277,26 +330,29 @@ fn main() -> Result<(), Box<dyn Error>> {
         let (w, r2) = fit(&rows, 1e-3);
         weights = Some(w);
         println!(
-            "round {round}: {} rows, R^2 {r2:.3}, TAR weights {:.3} {:.3}",
+            "round {round}: {} rows, R^2 {r2:.3}, TAR weights {:.3} {:.3}, history weights {:.3} {:.3}",
             rows.len(),
             w[12],
-            w[13]
+            w[13],
+            w[14],
+            w[15]
         );
     }
     for &ratio in &ratios {
         let (mut replay, mut replay_lp, mut live, mut live_lp) = (0.0, 0.0, 0.0, 0.0);
+        let (mut replay_h, mut live_h) = (0.0, 0.0);
         for (i, log) in valid.iter().enumerate() {
             let config = sim
                 .clone()
                 .with_agent(agent_of(i as u64))
                 .with_budget_ratio(ratio);
-            let mut bidder = Forecaster::new(weights, tar.clone(), &sim);
+            let mut bidder = Forecaster::new(weights, tar.clone(), &histories, &sim);
             replay += run_replay(&config, log, log.seed(), &mut bidder)?
                 .outcome
                 .score;
             let mut lp = OnlineLpPolicy::default();
             replay_lp += run_replay(&config, log, log.seed(), &mut lp)?.outcome.score;
-            let mut bidder = Forecaster::new(weights, tar.clone(), &sim);
+            let mut bidder = Forecaster::new(weights, tar.clone(), &histories, &sim);
             live += run_episode(&config, log.seed(), &mut bidder)?
                 .agent_outcome()
                 .score;
@@ -304,6 +360,14 @@ fn main() -> Result<(), Box<dyn Error>> {
             live_lp += run_episode(&config, log.seed(), &mut lp)?
                 .agent_outcome()
                 .score;
+            if !histories.is_empty() {
+                let mut h = HistoryLpPolicy::new(histories.iter().cloned());
+                replay_h += run_replay(&config, log, log.seed(), &mut h)?.outcome.score;
+                let mut h = HistoryLpPolicy::new(histories.iter().cloned());
+                live_h += run_episode(&config, log.seed(), &mut h)?
+                    .agent_outcome()
+                    .score;
+            }
         }
         let n = days.max(1) as f64;
         println!(
@@ -315,6 +379,15 @@ fn main() -> Result<(), Box<dyn Error>> {
             live_lp / n,
             100.0 * (live / live_lp - 1.0)
         );
+        if !histories.is_empty() {
+            println!(
+                "ratio {ratio}: history_lp replay {:.2}, live {:.2}; forecaster / history_lp {:+.1}% replay, {:+.1}% live",
+                replay_h / n,
+                live_h / n,
+                100.0 * (replay / replay_h - 1.0),
+                100.0 * (live / live_h - 1.0)
+            );
+        }
     }
     Ok(())
 }

@@ -212,8 +212,9 @@ impl Policy for PidPolicy {
 /// AuctionNet fits its histograms offline on past days per category and
 /// tick; this one learns within the day only.
 /// [`HistoryLpPolicy`](super::HistoryLpPolicy) is the AuctionNet way, and
-/// scores 8-16% above this one at budget ratios 0.5-0.75 even when every
-/// day's market is drawn afresh (BENCHMARKS.md, fifteenth session): the
+/// scores 4-17% above this one at budget ratios 0.5-0.75 (three sets of
+/// 60 days, live and replayed) even when every day's market is drawn
+/// afresh (BENCHMARKS.md, fifteenth session): the
 /// mean past day forecasts the rest of today better than today's recent
 /// prices.
 #[derive(Debug, Clone)]
