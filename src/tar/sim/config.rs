@@ -55,11 +55,11 @@ pub struct DelayConfig {
 /// day multiplies every 4-hour pValue level and every 2-hour traffic level
 /// by its own `U(1 - day_noise, 1 + day_noise)`.
 ///
-/// Without it ([`SimConfig::recurring`](SimConfig::recurring) = `None`,
-/// the `sparse` and `delayed` presets) every level is a fresh draw per day,
-/// so past days say nothing about the rest of today's prices; with it they
-/// do, and a bidder can learn the day's shape from a log of past days
-/// (`HistoryLpPolicy` is the baseline given that shape by hand).
+/// Without it (the field `SimConfig::recurring` is `None`: the `sparse` and
+/// `delayed` presets) every level is a fresh draw per day, so past days
+/// show only the average day; with it they show the shape of today itself,
+/// up to the day's noise. [`HistoryLpPolicy`](super::HistoryLpPolicy) is
+/// the baseline that reads past days (it beats OnlineLP in both markets).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RecurringMarket {
     /// Seed of the population and of the daily shapes.
