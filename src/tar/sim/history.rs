@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use super::config::SimError;
 use super::policy::{DayContext, Observation, OnlineLpPolicy, Policy};
-use super::prices::{bin_of, bin_upper, PriceMemory, BINS};
+use super::prices::{bin_of, lp_threshold, PriceMemory, BINS};
 use super::replay::MarketLog;
 
 /// One advertiser's mean prices per tick over past days: what
@@ -155,19 +155,11 @@ impl PriceHistory {
         cost_factor: f64,
     ) -> Option<f64> {
         let (rest_cost, rest_value) = self.rest(tick);
-        let (mut cost, mut value) = (0.0, 0.0);
-        for (b, (&c, &v)) in rest_cost.iter().zip(rest_value).enumerate() {
-            // OnlineLP's CPA test, on the history's prices.
-            if v > 0.0 && (cost + c) * cost_factor > cpa_target * (value + v) {
-                return Some(bin_upper(b.saturating_sub(1)));
-            }
-            cost += c;
-            value += v;
-            if cost * cost_factor >= spend {
-                return Some(bin_upper(b));
-            }
-        }
-        None
+        lp_threshold(
+            rest_cost.iter().copied().zip(rest_value.iter().copied()),
+            (spend, cost_factor),
+            (cpa_target, cost_factor),
+        )
     }
 
     /// Mean cost and pValue per bin over ticks `tick..` (empty past the

@@ -8,7 +8,7 @@
 //! the tick (as all AuctionNet baselines do; `alpha` has CPA units).
 
 use super::episode::MIN_BUDGET;
-use super::prices::{bin_upper, PriceMemory};
+use super::prices::{lp_threshold, PriceMemory};
 use super::records::StepState;
 use super::rng::{kind, Rng};
 
@@ -284,24 +284,13 @@ impl Policy for OnlineLpPolicy {
             return self.alpha;
         }
         let scale = rest / seen * self.exposure_rate * markup;
-        let (mut bought, mut value) = (0.0, 0.0);
-        let mut alpha = cap;
-        for (b, (cost, v)) in self.prices.bins().enumerate() {
-            // Cost and value both accrue only on shown slots.
-            if v > 0.0
-                && (bought + cost) * markup * self.exposure_rate > obs.cpa_target * (value + v)
-            {
-                // Buying this bin would push the running CPA over the target.
-                alpha = bin_upper(b.saturating_sub(1));
-                break;
-            }
-            bought += cost;
-            value += v;
-            if bought * scale >= obs.remaining {
-                alpha = bin_upper(b);
-                break;
-            }
-        }
+        // Cost and value both accrue only on shown slots.
+        let alpha = lp_threshold(
+            self.prices.bins(),
+            (obs.remaining, scale),
+            (obs.cpa_target, markup * self.exposure_rate),
+        )
+        .unwrap_or(cap);
         self.alpha = alpha.min(cap);
         self.alpha
     }

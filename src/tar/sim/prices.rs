@@ -45,6 +45,34 @@ pub(crate) fn bin_upper(b: usize) -> f64 {
     10f64.powf(LOG_MIN + (b + 1) as f64 * (LOG_MAX - LOG_MIN) / BINS as f64)
 }
 
+/// OnlineLP's threshold over cost-per-value bins `(cost, pValue)`, cheapest
+/// bin first (bin `b` holds costs per value up to [`bin_upper`]`(b)`): the
+/// upper edge of the last bin bought before either the projected spend
+/// (cost x `spend_factor`) reaches `spend` or the running CPA (cost x
+/// `cpa_factor` over pValue) would pass `cpa_target`; `None` when neither
+/// binds (the caller bids its cap). [`OnlineLpPolicy`](super::OnlineLpPolicy)
+/// asks it of today's [`PriceMemory`], [`PriceHistory`](super::PriceHistory)
+/// of the mean past day.
+pub(crate) fn lp_threshold(
+    bins: impl IntoIterator<Item = (f64, f64)>,
+    (spend, spend_factor): (f64, f64),
+    (cpa_target, cpa_factor): (f64, f64),
+) -> Option<f64> {
+    let (mut bought, mut value) = (0.0, 0.0);
+    for (b, (cost, v)) in bins.into_iter().enumerate() {
+        if v > 0.0 && (bought + cost) * cpa_factor > cpa_target * (value + v) {
+            // Buying this bin would push the running CPA over the target.
+            return Some(bin_upper(b.saturating_sub(1)));
+        }
+        bought += cost;
+        value += v;
+        if bought * spend_factor >= spend {
+            return Some(bin_upper(b));
+        }
+    }
+    None
+}
+
 /// The decayed cost-per-value histogram of one bidder's day (see the
 /// module docs).
 #[derive(Debug, Clone)]
