@@ -267,10 +267,13 @@ impl Policy for HistoryLpPolicy {
         let cap = self.cap * obs.cpa_target;
         if let Some(last) = obs.last {
             self.prices.observe(&last, self.alpha);
-            for (&p, &c) in last.pvalues.iter().zip(last.least_winning_cost) {
-                if p > 0.0 && c > 0.0 {
-                    self.today_cost += c as f64;
-                    self.today_value += p as f64;
+            // Today's level is read only with a level weight.
+            if self.level_weight != 0.0 {
+                for (&p, &c) in last.pvalues.iter().zip(last.least_winning_cost) {
+                    if p > 0.0 && c > 0.0 {
+                        self.today_cost += c as f64;
+                        self.today_value += p as f64;
+                    }
                 }
             }
         }
