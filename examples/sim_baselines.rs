@@ -24,6 +24,16 @@
 //! # the recurring market (same population every day) and `history_lp`,
 //! # OnlineLP solved on 20 past days' prices (seeds 2000..2020), beside them
 //! cargo run --release --example sim_baselines -- --presets sparse,recurring --history 20
+//! # `structure_lp`, a bound beside them (not a policy: it knows the day's
+//! # market): OnlineLP solved on N other draws of each scored day's own
+//! # market (same advertisers, budgets, CPA targets, traffic and pValue
+//! # levels; other PVs, other competitor bid draws), the most a forecast of
+//! # the day's structure can give an LP bidder
+//! # With `--history` as well, `prefix_lp`: OnlineLP that knows the day's
+//! # market on the 4-hour windows begun so far and reads the rest from the
+//! # history (what a bidder could at best infer today, since later windows'
+//! # levels are fresh draws)
+//! cargo run --release --example sim_baselines -- --presets sparse --history 20 --structure 10 --days 60
 //! ```
 
 use std::sync::Arc;
@@ -32,7 +42,7 @@ use std::time::{Duration, Instant};
 use nann::tar::sim::{
     evaluate, evaluate_replay, mean_ci95, run_replay, ConstantPolicy, DayContext,
     HindsightLpPolicy, HistoryLpPolicy, MarketLog, Observation, OnlineLpPolicy, PidPolicy, Policy,
-    Preset, PriceHistory, SimConfig, SimError,
+    Preset, PriceHistory, PriceMemory, RecurringMarket, SimConfig, SimError,
 };
 
 /// Wraps a policy and times its decisions.
@@ -82,6 +92,110 @@ impl Policy for Hindsight {
     }
 }
 
+/// `--structure N`: bids each scored day with a [`HistoryLpPolicy`] whose
+/// history is N other draws of that day's own market (see the module
+/// docs); one policy per day, in day order.
+struct PerDay {
+    days: Vec<HistoryLpPolicy>,
+    day: usize,
+}
+
+impl Policy for PerDay {
+    fn name(&self) -> &str {
+        "structure_lp"
+    }
+    fn begin_day(&mut self, day: &DayContext<'_>) {
+        let i = self.day.min(self.days.len().saturating_sub(1));
+        if let Some(policy) = self.days.get_mut(i) {
+            policy.begin_day(day);
+        }
+        self.day += 1;
+    }
+    fn act(&mut self, obs: &Observation<'_>) -> f64 {
+        let i = self
+            .day
+            .saturating_sub(1)
+            .min(self.days.len().saturating_sub(1));
+        self.days.get_mut(i).map_or(obs.cpa_target, |p| p.act(obs))
+    }
+}
+
+/// `--structure N` with `--history M`: OnlineLP (as [`HistoryLpPolicy`]
+/// bids it) priced, at tick t, on the day's own market up to the end of the
+/// 4-hour window t is in and on the history after it. One spliced history
+/// per day and window.
+struct PrefixLp {
+    /// `days[d][w]`: day d's market up to the end of window w, then the
+    /// history.
+    days: Vec<Vec<PriceHistory>>,
+    /// Ticks per 4-hour window.
+    window: usize,
+    day: usize,
+    prices: PriceMemory,
+    alpha: f64,
+    /// The CPA guard's stop, in CPA targets.
+    cpa_factor: f64,
+}
+
+impl Policy for PrefixLp {
+    fn name(&self) -> &str {
+        "prefix_lp"
+    }
+    fn begin_day(&mut self, day: &DayContext<'_>) {
+        self.day += 1;
+        self.prices = PriceMemory::new(day.ticks);
+        self.window = (day.ticks / 6).max(1);
+        self.alpha = day.cpa_target;
+    }
+    fn act(&mut self, obs: &Observation<'_>) -> f64 {
+        let cap = 1.3 * obs.cpa_target;
+        if let Some(last) = obs.last {
+            self.prices.observe(&last, self.alpha);
+        }
+        let Some(windows) = self.days.get(self.day.saturating_sub(1)) else {
+            return obs.cpa_target;
+        };
+        let w = (obs.tick / self.window).min(windows.len().saturating_sub(1));
+        let k = self.prices.markup() * self.prices.exposure_rate();
+        self.alpha = windows
+            .get(w)
+            .and_then(|h| h.threshold(obs.tick, obs.remaining, obs.cpa_target * self.cpa_factor, k))
+            .map_or(cap, |a| a.min(cap));
+        self.alpha
+    }
+}
+
+/// N draws of day `seed`'s market other than the day itself: the same
+/// advertisers and levels (a recurring market whose population is the day,
+/// without day noise, which is the day's own market), other PV draws.
+fn structure_history(day: &SimConfig, seed: u64, n: u64) -> Result<PriceHistory, SimError> {
+    let same = day.clone().with_recurring(Some(RecurringMarket {
+        population_seed: seed,
+        day_noise: 0.0,
+    }));
+    let draws = (0..n)
+        .map(|k| MarketLog::record(&same, 9_000_000 + seed * 100 + k))
+        .collect::<Result<Vec<_>, _>>()?;
+    PriceHistory::from_logs(&draws)
+}
+
+/// OnlineLP with its CPA guard at `cpa_factor` targets.
+fn onlinelp(cpa_factor: f64) -> OnlineLpPolicy {
+    let mut policy = OnlineLpPolicy::default();
+    policy.cpa_factor = cpa_factor;
+    policy
+}
+
+/// One row of the table: mean score, its 95% CI, mean spend ratio, µs per
+/// decision, and each day's score (for paired differences).
+struct Cell {
+    score: f64,
+    ci: f64,
+    spend: f64,
+    us: f64,
+    scores: Vec<f64>,
+}
+
 /// Scores `policy` on the live days `1000..1000 + days`, or, given `logs`,
 /// replayed on them.
 fn run<P: Policy>(
@@ -89,7 +203,7 @@ fn run<P: Policy>(
     policy: P,
     days: u64,
     logs: Option<&[MarketLog]>,
-) -> Result<(f64, f64, f64, f64), SimError> {
+) -> Result<Cell, SimError> {
     let mut timed = Timed {
         inner: policy,
         elapsed: Duration::ZERO,
@@ -101,7 +215,13 @@ fn run<P: Policy>(
         None => evaluate(config, &mut timed, 1000..1000 + days)?,
     };
     let us = timed.elapsed.as_secs_f64() * 1e6 / timed.decisions.max(1) as f64;
-    Ok((eval.mean, eval.ci95, eval.mean_spend_ratio, us))
+    Ok(Cell {
+        score: eval.mean,
+        ci: eval.ci95,
+        spend: eval.mean_spend_ratio,
+        us,
+        scores: eval.scores,
+    })
 }
 
 fn main() -> Result<(), SimError> {
@@ -123,6 +243,9 @@ fn main() -> Result<(), SimError> {
     let delayed_ticks = value("--delayed-ticks").unwrap_or(288) as usize;
     // `--history N`: a `history_lp` row, OnlineLP on N past days' prices.
     let history_days = value("--history").unwrap_or(0);
+    // `--structure N`: a `structure_lp` row, OnlineLP on N other draws of
+    // each scored day's own market (a bound, see the module docs).
+    let structure_draws = value("--structure").unwrap_or(0);
     // `--level W`: history_lp scales the history's prices by today's level
     // over the history's to the power W (0: the pure history).
     let level = args
@@ -131,6 +254,16 @@ fn main() -> Result<(), SimError> {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
+    // `--cpa-factor K`: the LP bidders' CPA guard stops at K CPA targets
+    // (onlinelp, history_lp, structure_lp, prefix_lp, hindsight_lp; 1 = the
+    // target).
+    let cpa_factor = args
+        .iter()
+        .position(|a| a == "--cpa-factor")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|k| k.is_finite() && *k > 0.0)
+        .unwrap_or(1.0);
     let presets: Vec<Preset> = match args.iter().position(|a| a == "--presets") {
         Some(i) => args
             .get(i + 1)
@@ -197,6 +330,16 @@ fn main() -> Result<(), SimError> {
         } else {
             None
         };
+        let structure = if structure_draws > 0 {
+            let day = SimConfig::preset(preset).with_ticks(t);
+            Some(
+                (1000..1000 + days)
+                    .map(|seed| structure_history(&day, seed, structure_draws).map(Arc::new))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        } else {
+            None
+        };
         // `--hindsight`: the logs shared once with the bidders that know them.
         let shared: Vec<Arc<MarketLog>> = match (&logs, hindsight) {
             (Some(logs), true) => logs.iter().cloned().map(Arc::new).collect(),
@@ -209,18 +352,46 @@ fn main() -> Result<(), SimError> {
                 .with_budget_ratio(ratio);
             let mut rows = vec![
                 ("pid", run(&config, PidPolicy::default(), days, logs)?),
-                (
-                    "onlinelp",
-                    run(&config, OnlineLpPolicy::default(), days, logs)?,
-                ),
+                ("onlinelp", run(&config, onlinelp(cpa_factor), days, logs)?),
                 (
                     "constant",
                     run(&config, ConstantPolicy::default(), days, logs)?,
                 ),
             ];
             if let Some(history) = &history {
-                let policy = HistoryLpPolicy::new([history.clone()]).with_level_weight(level);
+                let policy = HistoryLpPolicy::new([history.clone()])
+                    .with_level_weight(level)
+                    .with_cpa_factor(cpa_factor);
                 rows.push(("history_lp", run(&config, policy, days, logs)?));
+            }
+            if let Some(structure) = &structure {
+                let per_day = PerDay {
+                    days: structure
+                        .iter()
+                        .map(|h| HistoryLpPolicy::new([h.clone()]).with_cpa_factor(cpa_factor))
+                        .collect(),
+                    day: 0,
+                };
+                rows.push(("structure_lp", run(&config, per_day, days, logs)?));
+                if let Some(history) = &history {
+                    let window = (t / 6).max(1);
+                    let prefix = PrefixLp {
+                        days: structure
+                            .iter()
+                            .map(|day| {
+                                (1..=6)
+                                    .map(|w| day.splice(history, w * window))
+                                    .collect::<Result<Vec<_>, _>>()
+                            })
+                            .collect::<Result<Vec<_>, _>>()?,
+                        window,
+                        day: 0,
+                        prices: PriceMemory::new(t),
+                        alpha: 0.0,
+                        cpa_factor,
+                    };
+                    rows.push(("prefix_lp", run(&config, prefix, days, logs)?));
+                }
             }
             if let (true, Some(logs)) = (hindsight, logs) {
                 let bound = Hindsight {
@@ -233,7 +404,7 @@ fn main() -> Result<(), SimError> {
                 let mut scores = Vec::with_capacity(logs.len());
                 let (mut spend, mut elapsed) = (0.0, Duration::ZERO);
                 for log in &shared {
-                    let mut bound = HindsightLpPolicy::new(log.clone());
+                    let mut bound = HindsightLpPolicy::new(log.clone()).with_cpa_factor(cpa_factor);
                     let start = Instant::now();
                     let day = run_replay(&config, log, log.seed(), &mut bound)?;
                     elapsed += start.elapsed();
@@ -242,9 +413,27 @@ fn main() -> Result<(), SimError> {
                 }
                 let (mean, ci) = mean_ci95(&scores);
                 let us = elapsed.as_secs_f64() * 1e6 / (logs.len() * config.ticks).max(1) as f64;
-                rows.push(("hindsight_lp", (mean, ci, spend / logs.len() as f64, us)));
+                let cell = Cell {
+                    score: mean,
+                    ci,
+                    spend: spend / logs.len() as f64,
+                    us,
+                    scores,
+                };
+                rows.push(("hindsight_lp", cell));
             }
-            for (name, (score, ci, spend, us)) in rows {
+            let history_scores = rows
+                .iter()
+                .find(|(name, _)| *name == "history_lp")
+                .map(|(_, cell)| cell.scores.clone());
+            for (name, cell) in rows {
+                let Cell {
+                    score,
+                    ci,
+                    spend,
+                    us,
+                    ..
+                } = cell;
                 if json {
                     println!(
                         "{{\"policy\":\"{name}\",\"preset\":\"{}\",{mode}\"budget_ratio\":{ratio},\"score\":{score:.4},\"ci95\":{ci:.4}}}",
@@ -261,6 +450,22 @@ fn main() -> Result<(), SimError> {
                         spend,
                         us
                     );
+                    // The bounds' paired difference from history_lp.
+                    if let (Some(base), "structure_lp" | "prefix_lp" | "hindsight_lp") =
+                        (&history_scores, name)
+                    {
+                        let diff: Vec<f64> =
+                            cell.scores.iter().zip(base).map(|(a, b)| a - b).collect();
+                        let (d, dci) = mean_ci95(&diff);
+                        let base_mean = base.iter().sum::<f64>() / base.len().max(1) as f64;
+                        println!(
+                            "{:<12} {:>+7.2} ± {:.2} ({:+.1}%) paired against history_lp",
+                            "",
+                            d,
+                            dci,
+                            100.0 * d / base_mean.max(1e-9)
+                        );
+                    }
                 }
             }
         }

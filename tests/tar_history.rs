@@ -228,6 +228,70 @@ fn the_history_threshold_is_the_cheapest_price_that_spends_the_amount() {
     assert_eq!(checked, 12);
 }
 
+#[test]
+fn a_spliced_history_prices_one_days_start_and_anothers_rest() {
+    // Checked against the logs: the spliced threshold at tick t buys, over
+    // A's ticks t..from and B's ticks from.., at least `spend`, and one bin
+    // cheaper buys less.
+    let config = SimConfig::sparse().with_pvs_per_day(10_000);
+    let (a, b) = (
+        MarketLog::record(&config, 4).unwrap(),
+        MarketLog::record(&config, 5).unwrap(),
+    );
+    let from = 20;
+    let ha = PriceHistory::from_logs(std::slice::from_ref(&a)).unwrap();
+    let hb = PriceHistory::from_logs(std::slice::from_ref(&b)).unwrap();
+    let spliced = ha.splice(&hb, from).unwrap();
+    let bought = |t: usize, threshold: f64| -> f64 {
+        let early = a.ticks()[t.min(from)..from].iter();
+        let late = b.ticks()[t.max(from)..].iter();
+        early
+            .chain(late)
+            .flat_map(|k| k.pvalues().iter().zip(k.least_winning_costs()))
+            .filter(|(&p, &c)| p > 0.0 && c > 0.0 && (c as f64) / (p as f64) <= threshold)
+            .map(|(_, &c)| c as f64)
+            .sum()
+    };
+    let bin = 10f64.powf(6.0 / 600.0);
+    for t in [0, 10, 19, 20, 35] {
+        let total = bought(t, f64::INFINITY);
+        for share in [0.05, 0.3, 0.8] {
+            let spend = share * total;
+            let threshold = spliced
+                .threshold(t, spend, f64::INFINITY, 1.0)
+                .expect("a share of the rest is always bought");
+            assert!(
+                bought(t, threshold * 1.0001) >= spend,
+                "tick {t} share {share}"
+            );
+            assert!(
+                bought(t, threshold / bin / 1.0001) < spend,
+                "tick {t} share {share}"
+            );
+        }
+    }
+    // The ends: spliced at 0 it is B, at the end (or past it) it is A.
+    for t in [0, 24, 47] {
+        let at = |h: &PriceHistory| h.threshold(t, 20.0, f64::INFINITY, 1.0);
+        assert_eq!(at(&ha.splice(&hb, 0).unwrap()), at(&hb));
+        assert_eq!(at(&ha.splice(&hb, 48).unwrap()), at(&ha));
+        assert_eq!(at(&ha.splice(&hb, 1_000).unwrap()), at(&ha));
+    }
+    // Histories of another advertiser or day length do not splice.
+    let other = MarketLog::record(&config.clone().with_agent(3), 5).unwrap();
+    let long = MarketLog::record(&config.with_ticks(96), 5).unwrap();
+    for bad in [other, long] {
+        let bad = PriceHistory::from_logs(&[bad]).unwrap();
+        assert!(matches!(
+            ha.splice(&bad, from),
+            Err(SimError::Config {
+                field: "history",
+                ..
+            })
+        ));
+    }
+}
+
 /// Records the bids of the policy it wraps.
 struct Recording<P> {
     inner: P,
@@ -277,4 +341,123 @@ fn tar_prices_its_plan_on_the_history_of_its_own_advertiser_only() {
     let with_own = bids(vec![own]);
     assert_ne!(with_own, plain);
     assert!(with_own.iter().all(|&a| (0.0..=1.3 + 1e-6).contains(&a)));
+}
+
+#[test]
+fn the_cpa_guard_stops_at_the_cpa_factor_asked() {
+    // With budget to spare the LP bidders' CPA guard binds. At tick 0 the
+    // hindsight LP must bid the cost per value of the first PV, cheapest
+    // first over the whole logged day, that would push the CPA of the PVs
+    // bought past `factor` CPA targets (computed here from the log); over
+    // the day the PVs it buys (read back from the log with its recorded
+    // bids) cost more per unit of pValue at factor 1.25 than at 1 (the
+    // default). A guard that ignored the factor fails both.
+    let config = SimConfig::sparse()
+        .with_pvs_per_day(20_000)
+        .with_budget_ratio(5.0);
+    let mut day_cpa = [0.0; 2];
+    for (f, factor) in [1.0, 1.25].into_iter().enumerate() {
+        for seed in 40..44 {
+            let log = Arc::new(MarketLog::record(&config, seed).unwrap());
+            let target = log.cpa_target();
+            let mut policy = Recording {
+                inner: HindsightLpPolicy::new(log.clone())
+                    .with_cap(10.0)
+                    .with_cpa_factor(factor),
+                alphas: Vec::new(),
+            };
+            let day = run_replay(&config, &log, seed, &mut policy).unwrap();
+            assert!(
+                day.outcome.cost < 0.9 * day.outcome.budget,
+                "the budget must not bind"
+            );
+            // Tick 0, from the log.
+            let mut pvs: Vec<(f64, f64)> = log
+                .ticks()
+                .iter()
+                .flat_map(|t| t.pvalues().iter().zip(t.least_winning_costs()))
+                .filter(|(&p, _)| p > 0.0)
+                .map(|(&p, &c)| (c as f64, p as f64))
+                .collect();
+            pvs.sort_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)));
+            let (mut cost, mut value) = (0.0, 0.0);
+            let mut expected = 10.0;
+            for (c, p) in pvs {
+                if cost + c > factor * target * (value + p) {
+                    expected = (c / p / target).min(10.0);
+                    break;
+                }
+                cost += c;
+                value += p;
+            }
+            assert!(
+                (policy.alphas[0] - expected).abs() <= 1e-9 * expected,
+                "factor {factor} seed {seed}: bid {} expected {expected}",
+                policy.alphas[0]
+            );
+            // The day, from the recorded bids.
+            let (mut cost, mut value) = (0.0, 0.0);
+            for (tick, &alpha) in log.ticks().iter().zip(&policy.alphas) {
+                for (&p, &c) in tick.pvalues().iter().zip(tick.least_winning_costs()) {
+                    if p > 0.0 && alpha * target * p as f64 >= c as f64 {
+                        cost += c as f64;
+                        value += p as f64;
+                    }
+                }
+            }
+            day_cpa[f] += cost / value / target / 4.0;
+        }
+    }
+    assert!(
+        (0.9..1.3).contains(&day_cpa[0]) && day_cpa[1] > 1.1 * day_cpa[0],
+        "mean CPA bought, in targets: {day_cpa:?}"
+    );
+}
+
+#[test]
+fn a_looser_cpa_guard_buys_more_for_onlinelp_and_history_lp() {
+    // Budget to spare: the guard is what stops both, so at 1.25 CPA
+    // targets they must buy more than at the default 1.
+    let config = SimConfig::sparse()
+        .with_pvs_per_day(20_000)
+        .with_budget_ratio(5.0);
+    let logs: Vec<MarketLog> = (50..54)
+        .map(|seed| MarketLog::record(&config, seed).unwrap())
+        .collect();
+    let history = PriceHistory::from_logs(
+        &(60..64)
+            .map(|seed| MarketLog::record(&config, seed).unwrap())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let spent = |policy: &mut dyn Policy| -> f64 {
+        logs.iter()
+            .map(|log| {
+                run_replay(&config, log, log.seed(), policy)
+                    .unwrap()
+                    .outcome
+                    .cost
+            })
+            .sum()
+    };
+    // The bid caps (1.3 CPA targets) lifted, so that the guard stops them.
+    let online = |factor: f64| {
+        let mut policy = OnlineLpPolicy::default();
+        policy.cap = 10.0;
+        policy.cpa_factor = factor;
+        policy
+    };
+    let (base, more) = (spent(&mut online(1.0)), spent(&mut online(1.25)));
+    assert!(more > 1.05 * base, "onlinelp {base} -> {more}");
+    let history_lp = |factor: f64| {
+        let mut policy = HistoryLpPolicy::new([history.clone()]).with_cpa_factor(factor);
+        policy.cap = 10.0;
+        policy
+    };
+    let (base, more) = (spent(&mut history_lp(1.0)), spent(&mut history_lp(1.25)));
+    assert!(more > 1.05 * base, "history_lp {base} -> {more}");
+    // Nonsense factors leave the default.
+    for bad in [0.0, -1.0, f64::NAN] {
+        assert_eq!(spent(&mut history_lp(1.0).with_cpa_factor(bad)), base);
+    }
 }

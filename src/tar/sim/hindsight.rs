@@ -111,13 +111,28 @@ impl MarketLog {
 pub struct HindsightLpPolicy {
     log: Arc<MarketLog>,
     cap: f64,
+    cpa_factor: f64,
 }
 
 impl HindsightLpPolicy {
     /// The bidder that knows `log`'s day, with OnlineLP's cap of 1.3 CPA
     /// targets.
     pub fn new(log: Arc<MarketLog>) -> Self {
-        Self { log, cap: 1.3 }
+        Self {
+            log,
+            cap: 1.3,
+            cpa_factor: 1.0,
+        }
+    }
+
+    /// Lets the CPA guard stop at `factor` CPA targets instead of the
+    /// target, as [`OnlineLpPolicy::cpa_factor`](super::OnlineLpPolicy::cpa_factor)
+    /// (a non-finite or non-positive value leaves the default, 1).
+    pub fn with_cpa_factor(mut self, factor: f64) -> Self {
+        if factor.is_finite() && factor > 0.0 {
+            self.cpa_factor = factor;
+        }
+        self
     }
 
     /// Caps the bid at `cap` CPA targets (a non-finite or negative value
@@ -149,8 +164,9 @@ impl Policy for HindsightLpPolicy {
             .collect();
         rest.sort_by(|a, b| a.0.total_cmp(&b.0));
         let (mut cost, mut value) = (0.0, 0.0);
+        let cpa = obs.cpa_target * self.cpa_factor;
         for (cost_per_value, c, v) in rest {
-            if cost + c > obs.cpa_target * (value + v) || cost + c >= obs.remaining {
+            if cost + c > cpa * (value + v) || cost + c >= obs.remaining {
                 return cost_per_value.min(cap);
             }
             cost += c;

@@ -162,6 +162,69 @@ impl PriceHistory {
         )
     }
 
+    /// The history with this one's prices on ticks `..from` and `later`'s
+    /// from `from` on (`from` past the end keeps this one whole): e.g. what
+    /// is known of today's market so far, followed by what past days say
+    /// of the rest.
+    ///
+    /// ```
+    /// use nann::tar::sim::{MarketLog, PriceHistory, SimConfig};
+    ///
+    /// let config = SimConfig::sparse().with_pvs_per_day(5_000);
+    /// let a = PriceHistory::from_logs(&[MarketLog::record(&config, 1)?])?;
+    /// let b = PriceHistory::from_logs(&[MarketLog::record(&config, 2)?])?;
+    /// let ab = a.splice(&b, 24)?;
+    /// // From tick 24 on, the spliced history prices as `b` does.
+    /// assert_eq!(ab.threshold(30, 50.0, f64::INFINITY, 1.0), b.threshold(30, 50.0, f64::INFINITY, 1.0));
+    /// # Ok::<(), nann::tar::sim::SimError>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`SimError::Config`] (field `history`) if the two are of different
+    /// advertisers or day lengths.
+    pub fn splice(&self, later: &PriceHistory, from: usize) -> Result<Self, SimError> {
+        if later.advertiser != self.advertiser || later.ticks() != self.ticks() {
+            return Err(SimError::Config {
+                field: "history",
+                message: format!(
+                    "cannot splice the history of advertiser {} with {} ticks onto that of advertiser {} with {}",
+                    later.advertiser,
+                    later.ticks(),
+                    self.advertiser,
+                    self.ticks()
+                ),
+            });
+        }
+        let ticks = self.ticks();
+        let from = from.min(ticks);
+        let mut out = self.clone();
+        out.days = self.days.min(later.days);
+        // Suffix sums: rows `from..` are `later`'s; a row t < from is this
+        // history's ticks t..from plus `later`'s from.. .
+        for t in 0..=ticks {
+            for b in 0..BINS {
+                let i = t * BINS + b;
+                let j = from * BINS + b;
+                if t >= from {
+                    out.rest_cost[i] = later.rest_cost[i];
+                    out.rest_value[i] = later.rest_value[i];
+                } else {
+                    out.rest_cost[i] = self.rest_cost[i] - self.rest_cost[j] + later.rest_cost[j];
+                    out.rest_value[i] =
+                        self.rest_value[i] - self.rest_value[j] + later.rest_value[j];
+                }
+            }
+        }
+        // Prefix sums: ticks ..from are this history's.
+        for t in from + 1..=ticks {
+            out.seen_cost[t] = self.seen_cost[from] + later.seen_cost[t] - later.seen_cost[from];
+            out.seen_value[t] =
+                self.seen_value[from] + later.seen_value[t] - later.seen_value[from];
+        }
+        Ok(out)
+    }
+
     /// Mean cost and pValue per bin over ticks `tick..` (empty past the
     /// end).
     fn rest(&self, tick: usize) -> (&[f64], &[f64]) {
@@ -200,6 +263,9 @@ pub struct HistoryLpPolicy {
     /// Exponent of today's price level over the history's (0 = the pure
     /// history).
     pub level_weight: f64,
+    /// The CPA the guard allows, in CPA targets (1, the default), as
+    /// [`OnlineLpPolicy::cpa_factor`].
+    pub cpa_factor: f64,
     today: Option<Arc<PriceHistory>>,
     fallback: OnlineLpPolicy,
     prices: PriceMemory,
@@ -223,6 +289,7 @@ impl HistoryLpPolicy {
                 .collect(),
             cap: 1.3,
             level_weight: 0.0,
+            cpa_factor: 1.0,
             today: None,
             fallback: OnlineLpPolicy::default(),
             prices: PriceMemory::new(48),
@@ -230,6 +297,15 @@ impl HistoryLpPolicy {
             today_value: 0.0,
             alpha: 0.0,
         }
+    }
+
+    /// Sets [`cpa_factor`](Self::cpa_factor) (a non-finite or non-positive
+    /// value leaves it).
+    pub fn with_cpa_factor(mut self, factor: f64) -> Self {
+        if factor.is_finite() && factor > 0.0 {
+            self.cpa_factor = factor;
+        }
+        self
     }
 
     /// Sets [`level_weight`](Self::level_weight) (a non-finite value leaves
@@ -292,7 +368,7 @@ impl Policy for HistoryLpPolicy {
         };
         let k = self.prices.markup() * self.prices.exposure_rate() * level;
         let alpha = history
-            .threshold(obs.tick, obs.remaining, obs.cpa_target, k)
+            .threshold(obs.tick, obs.remaining, obs.cpa_target * self.cpa_factor, k)
             .map_or(cap, |a| a * level);
         self.alpha = alpha.min(cap);
         self.alpha
