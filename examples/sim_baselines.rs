@@ -29,10 +29,13 @@
 //! # market (same advertisers, budgets, CPA targets, traffic and pValue
 //! # levels; other PVs, other competitor bid draws), the most a forecast of
 //! # the day's structure can give an LP bidder
-//! # With `--history` as well, `prefix_lp`: OnlineLP that knows the day's
-//! # market on the 4-hour windows begun so far and reads the rest from the
-//! # history (what a bidder could at best infer today, since later windows'
-//! # levels are fresh draws)
+//! # Beside it `population_lp`, OnlineLP on N days of the day's advertisers
+//! # with fresh levels (what knowing today's competitors is worth), and
+//! # `prefix_lp` (needs `--history`): OnlineLP that knows the day's market
+//! # on the 4-hour windows begun so far and reads the rest from the history
+//! # (what a bidder could at best infer today, since later windows' levels
+//! # are fresh draws); `prefix_pop_lp` reads the rest from the population's
+//! # days instead (and so knows today's competitors as well)
 //! cargo run --release --example sim_baselines -- --presets sparse --history 20 --structure 10 --days 60
 //! ```
 
@@ -96,13 +99,14 @@ impl Policy for Hindsight {
 /// history is N other draws of that day's own market (see the module
 /// docs); one policy per day, in day order.
 struct PerDay {
+    name: &'static str,
     days: Vec<HistoryLpPolicy>,
     day: usize,
 }
 
 impl Policy for PerDay {
     fn name(&self) -> &str {
-        "structure_lp"
+        self.name
     }
     fn begin_day(&mut self, day: &DayContext<'_>) {
         let i = self.day.min(self.days.len().saturating_sub(1));
@@ -120,11 +124,13 @@ impl Policy for PerDay {
     }
 }
 
-/// `--structure N` with `--history M`: OnlineLP (as [`HistoryLpPolicy`]
-/// bids it) priced, at tick t, on the day's own market up to the end of the
-/// 4-hour window t is in and on the history after it. One spliced history
-/// per day and window.
+/// `--structure N` (`prefix_lp`, `prefix_pop_lp`): OnlineLP (as
+/// [`HistoryLpPolicy`] bids it) priced, at tick t, on the day's own market
+/// up to the end of the 4-hour window t is in and on another history after
+/// it (past days', or the day's population's). One spliced history per day
+/// and window.
 struct PrefixLp {
+    name: &'static str,
     /// `days[d][w]`: day d's market up to the end of window w, then the
     /// history.
     days: Vec<Vec<PriceHistory>>,
@@ -139,7 +145,7 @@ struct PrefixLp {
 
 impl Policy for PrefixLp {
     fn name(&self) -> &str {
-        "prefix_lp"
+        self.name
     }
     fn begin_day(&mut self, day: &DayContext<'_>) {
         self.day += 1;
@@ -167,16 +173,65 @@ impl Policy for PrefixLp {
 
 /// N draws of day `seed`'s market other than the day itself: the same
 /// advertisers and levels (a recurring market whose population is the day,
-/// without day noise, which is the day's own market), other PV draws.
-fn structure_history(day: &SimConfig, seed: u64, n: u64) -> Result<PriceHistory, SimError> {
+/// without day noise, which is the day's own market), other PV draws; with
+/// `fresh_levels`, only the same advertisers (every level drawn afresh).
+fn structure_history(
+    day: &SimConfig,
+    seed: u64,
+    n: u64,
+    fresh_levels: bool,
+) -> Result<PriceHistory, SimError> {
     let same = day.clone().with_recurring(Some(RecurringMarket {
         population_seed: seed,
         day_noise: 0.0,
+        fresh_levels,
     }));
+    let first = if fresh_levels { 9_500_000 } else { 9_000_000 };
     let draws = (0..n)
-        .map(|k| MarketLog::record(&same, 9_000_000 + seed * 100 + k))
+        .map(|k| MarketLog::record(&same, first + seed * 100 + k))
         .collect::<Result<Vec<_>, _>>()?;
     PriceHistory::from_logs(&draws)
+}
+
+/// The [`PrefixLp`] of `structure` (one history per day) spliced, at the
+/// end of every 4-hour window of a `ticks`-tick day, onto `later(d)`.
+fn prefix_lp<'h>(
+    name: &'static str,
+    structure: &[Arc<PriceHistory>],
+    later: impl Fn(usize) -> &'h PriceHistory,
+    ticks: usize,
+    cpa_factor: f64,
+) -> Result<PrefixLp, SimError> {
+    let window = (ticks / 6).max(1);
+    Ok(PrefixLp {
+        name,
+        days: structure
+            .iter()
+            .enumerate()
+            .map(|(d, day)| {
+                (1..=6)
+                    .map(|w| day.splice(later(d), w * window))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        window,
+        day: 0,
+        prices: PriceMemory::new(ticks),
+        alpha: 0.0,
+        cpa_factor,
+    })
+}
+
+/// [`HistoryLpPolicy`] on one history per day, in day order.
+fn per_day(name: &'static str, histories: &[Arc<PriceHistory>], cpa_factor: f64) -> PerDay {
+    PerDay {
+        name,
+        days: histories
+            .iter()
+            .map(|h| HistoryLpPolicy::new([h.clone()]).with_cpa_factor(cpa_factor))
+            .collect(),
+        day: 0,
+    }
 }
 
 /// OnlineLP with its CPA guard at `cpa_factor` targets.
@@ -330,15 +385,18 @@ fn main() -> Result<(), SimError> {
         } else {
             None
         };
-        let structure = if structure_draws > 0 {
+        // `--structure N`: per scored day, N draws of its own market, and N
+        // of its population with fresh levels.
+        let (structure, population) = if structure_draws > 0 {
             let day = SimConfig::preset(preset).with_ticks(t);
-            Some(
+            let draws = |fresh: bool| {
                 (1000..1000 + days)
-                    .map(|seed| structure_history(&day, seed, structure_draws).map(Arc::new))
-                    .collect::<Result<Vec<_>, _>>()?,
-            )
+                    .map(|seed| structure_history(&day, seed, structure_draws, fresh).map(Arc::new))
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            (Some(draws(false)?), Some(draws(true)?))
         } else {
-            None
+            (None, None)
         };
         // `--hindsight`: the logs shared once with the bidders that know them.
         let shared: Vec<Arc<MarketLog>> = match (&logs, hindsight) {
@@ -364,34 +422,23 @@ fn main() -> Result<(), SimError> {
                     .with_cpa_factor(cpa_factor);
                 rows.push(("history_lp", run(&config, policy, days, logs)?));
             }
-            if let Some(structure) = &structure {
-                let per_day = PerDay {
-                    days: structure
-                        .iter()
-                        .map(|h| HistoryLpPolicy::new([h.clone()]).with_cpa_factor(cpa_factor))
-                        .collect(),
-                    day: 0,
-                };
-                rows.push(("structure_lp", run(&config, per_day, days, logs)?));
+            if let (Some(structure), Some(population)) = (&structure, &population) {
+                let policy = per_day("structure_lp", structure, cpa_factor);
+                rows.push(("structure_lp", run(&config, policy, days, logs)?));
+                let policy = per_day("population_lp", population, cpa_factor);
+                rows.push(("population_lp", run(&config, policy, days, logs)?));
                 if let Some(history) = &history {
-                    let window = (t / 6).max(1);
-                    let prefix = PrefixLp {
-                        days: structure
-                            .iter()
-                            .map(|day| {
-                                (1..=6)
-                                    .map(|w| day.splice(history, w * window))
-                                    .collect::<Result<Vec<_>, _>>()
-                            })
-                            .collect::<Result<Vec<_>, _>>()?,
-                        window,
-                        day: 0,
-                        prices: PriceMemory::new(t),
-                        alpha: 0.0,
-                        cpa_factor,
-                    };
-                    rows.push(("prefix_lp", run(&config, prefix, days, logs)?));
+                    let policy = prefix_lp("prefix_lp", structure, |_| history, t, cpa_factor)?;
+                    rows.push(("prefix_lp", run(&config, policy, days, logs)?));
                 }
+                let policy = prefix_lp(
+                    "prefix_pop_lp",
+                    structure,
+                    |d| &population[d],
+                    t,
+                    cpa_factor,
+                )?;
+                rows.push(("prefix_pop_lp", run(&config, policy, days, logs)?));
             }
             if let (true, Some(logs)) = (hindsight, logs) {
                 let bound = Hindsight {
@@ -451,8 +498,11 @@ fn main() -> Result<(), SimError> {
                         us
                     );
                     // The bounds' paired difference from history_lp.
-                    if let (Some(base), "structure_lp" | "prefix_lp" | "hindsight_lp") =
-                        (&history_scores, name)
+                    if let (
+                        Some(base),
+                        "structure_lp" | "population_lp" | "prefix_lp" | "prefix_pop_lp"
+                        | "hindsight_lp",
+                    ) = (&history_scores, name)
                     {
                         let diff: Vec<f64> =
                             cell.scores.iter().zip(base).map(|(a, b)| a - b).collect();

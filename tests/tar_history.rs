@@ -17,6 +17,7 @@ fn recurring(population_seed: u64, day_noise: f64) -> Option<RecurringMarket> {
     Some(RecurringMarket {
         population_seed,
         day_noise,
+        fresh_levels: false,
     })
 }
 
@@ -44,6 +45,38 @@ fn a_recurring_market_without_day_noise_is_the_population_seeds_day() {
         let plain_other = Market::generate(&sparse, seed + 1000).unwrap();
         assert!(!same_market(&plain, &plain_other, sparse.ticks));
     }
+}
+
+#[test]
+fn with_fresh_levels_only_the_advertisers_recur() {
+    // Fresh levels: the population seed's advertisers, the day seed's
+    // levels and traffic, exactly the plain market of the day but for its
+    // advertisers.
+    let sparse = SimConfig::sparse();
+    let fresh = sparse.clone().with_recurring(Some(RecurringMarket {
+        population_seed: 5,
+        day_noise: 0.0,
+        fresh_levels: true,
+    }));
+    let population = Market::generate(&sparse, 5).unwrap();
+    for seed in [11, 12] {
+        let day = Market::generate(&fresh, seed).unwrap();
+        let plain = Market::generate(&sparse, seed).unwrap();
+        assert_eq!(day.advertisers(), population.advertisers(), "day {seed}");
+        assert_eq!(day.pvs_per_tick(), plain.pvs_per_tick(), "day {seed}");
+        // The pValue levels (category x advertiser factors) are the day's.
+        for i in 0..day.advertisers().len() {
+            for t in 0..sparse.ticks {
+                assert_eq!(day.mean_pvalue(i, t), plain.mean_pvalue(i, t), "day {seed}");
+            }
+        }
+        assert_ne!(day.advertisers(), plain.advertisers());
+    }
+    let (a, b) = (
+        Market::generate(&fresh, 11).unwrap(),
+        Market::generate(&fresh, 12).unwrap(),
+    );
+    assert_ne!(a.pvs_per_tick(), b.pvs_per_tick(), "levels are not fresh");
 }
 
 #[test]

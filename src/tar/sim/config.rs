@@ -66,6 +66,12 @@ pub struct RecurringMarket {
     pub population_seed: u64,
     /// Day-to-day noise of each level, in `[0, 1)`.
     pub day_noise: f64,
+    /// Draw every level afresh each day from the day's seed, as the
+    /// `sparse` market does, and keep only the population: the same
+    /// advertisers every day, in days that share no shape (`day_noise` is
+    /// then unused). Past days of such a market show what today's
+    /// advertisers do to prices, and nothing of today's levels.
+    pub fresh_levels: bool,
 }
 
 /// Which preset a configuration started from (for tables and logs).
@@ -178,6 +184,7 @@ impl SimConfig {
             recurring: Some(RecurringMarket {
                 population_seed: 7,
                 day_noise: 0.25,
+                fresh_levels: false,
             }),
             ..Self::sparse()
         }

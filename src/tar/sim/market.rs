@@ -74,12 +74,18 @@ impl Market {
         let fine = ticks / 48;
 
         // In a recurring market the advertisers and the levels' shapes come
-        // from the population seed, and each day only scales the levels.
+        // from the population seed, and each day only scales the levels;
+        // with fresh levels only the advertisers do.
         let population = config.recurring.map_or(seed, |r| r.population_seed);
+        let shapes = match config.recurring {
+            Some(r) if !r.fresh_levels => population,
+            _ => seed,
+        };
         let level = |stream: u64, index: u64, lo: f64, hi: f64| -> f64 {
-            let shape = Rng::new(population, stream, index).range(lo, hi);
+            let shape = Rng::new(shapes, stream, index).range(lo, hi);
             match config.recurring {
                 None => shape,
+                Some(r) if r.fresh_levels => shape,
                 Some(r) => {
                     let key = stream << 40 | index;
                     shape
