@@ -6,10 +6,10 @@
 //!
 //! With `--replay` the same cells run in offline replay mode
 //! (`nann::tar::sim::run_replay`, AuctionNet's offline evaluation): each
-//! day's market is logged once as advertiser 0 saw it in the live day, and
-//! every policy and budget ratio is replayed against those logs (win iff
-//! bid >= least winning cost, pay it, every win shown); JSON lines then
-//! carry `"mode":"replay"`.
+//! day's market is logged once as the agent (advertiser 0, or `--agent A`)
+//! saw it in the live day, and every policy and budget ratio is replayed
+//! against those logs (win iff bid >= least winning cost, pay it, every win
+//! shown); JSON lines then carry `"mode":"replay"`.
 //!
 //! ```sh
 //! cargo run --release --example sim_baselines            # table
@@ -39,13 +39,14 @@
 //! cargo run --release --example sim_baselines -- --presets sparse --history 20 --structure 10 --days 60
 //! ```
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nann::tar::sim::{
-    evaluate, evaluate_replay, mean_ci95, run_replay, ConstantPolicy, DayContext,
-    HindsightLpPolicy, HistoryLpPolicy, MarketLog, Observation, OnlineLpPolicy, PidPolicy, Policy,
-    Preset, PriceHistory, PriceMemory, RecurringMarket, SimConfig, SimError,
+    mean_ci95, run_episode, run_replay, ConstantPolicy, DayContext, HindsightLpPolicy,
+    HistoryLpPolicy, MarketLog, Observation, OnlineLpPolicy, PidPolicy, Policy, Preset,
+    PriceHistory, PriceMemory, RecurringMarket, SimConfig, SimError,
 };
 
 /// Wraps a policy and times its decisions.
@@ -252,11 +253,11 @@ struct Cell {
 }
 
 /// Scores `policy` on the live days `1000..1000 + days`, or, given `logs`,
-/// replayed on them.
+/// replayed on them; day `i` bids for advertiser `agents[i]`.
 fn run<P: Policy>(
     config: &SimConfig,
+    agents: &[usize],
     policy: P,
-    days: u64,
     logs: Option<&[MarketLog]>,
 ) -> Result<Cell, SimError> {
     let mut timed = Timed {
@@ -264,18 +265,28 @@ fn run<P: Policy>(
         elapsed: Duration::ZERO,
         decisions: 0,
     };
-    let eval = match logs {
-        Some(logs) => evaluate_replay(config, logs, &mut timed)?,
-        // Seeds from 1000: days the tests do not use.
-        None => evaluate(config, &mut timed, 1000..1000 + days)?,
-    };
+    let mut outcomes = Vec::with_capacity(agents.len());
+    for (i, &agent) in agents.iter().enumerate() {
+        let day = config.clone().with_agent(agent);
+        outcomes.push(match logs.and_then(|logs| logs.get(i)) {
+            Some(log) => run_replay(&day, log, log.seed(), &mut timed)?.outcome,
+            // Seeds from 1000: days the tests do not use.
+            None => run_episode(&day, 1000 + i as u64, &mut timed)?
+                .agent_outcome()
+                .clone(),
+        });
+    }
+    let scores: Vec<f64> = outcomes.iter().map(|o| o.score).collect();
+    let (score, ci) = mean_ci95(&scores);
+    let spend =
+        outcomes.iter().map(|o| o.cost / o.budget).sum::<f64>() / agents.len().max(1) as f64;
     let us = timed.elapsed.as_secs_f64() * 1e6 / timed.decisions.max(1) as f64;
     Ok(Cell {
-        score: eval.mean,
-        ci: eval.ci95,
-        spend: eval.mean_spend_ratio,
+        score,
+        ci,
+        spend,
         us,
-        scores: eval.scores,
+        scores,
     })
 }
 
@@ -291,6 +302,26 @@ fn main() -> Result<(), SimError> {
             .and_then(|v| v.parse::<u64>().ok())
     };
     let days = value("--days").unwrap_or(8);
+    // `--agent A`: the advertiser bid for (0, the first of category 0, by
+    // default; the first of each category has no pValue factor of its own);
+    // `--agent cycle`: day i bids for advertiser 7i mod 48, as tar_eval's
+    // test cells do.
+    let agent_arg = args
+        .iter()
+        .position(|a| a == "--agent")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
+    let agents: Vec<usize> = (0..days)
+        .map(|i| match agent_arg {
+            Some("cycle") => ((i * 7) % 48) as usize,
+            Some(a) => a.parse().unwrap_or(usize::MAX),
+            None => 0,
+        })
+        .collect();
+    let agent_name = match agent_arg {
+        Some("cycle") => "7i mod 48 on day i".to_string(),
+        _ => agents.first().copied().unwrap_or(0).to_string(),
+    };
     // The baselines never read conversions, so at equal ticks the delayed
     // preset would reproduce the sparse rows exactly; by default it runs at
     // 288 ticks a day (5-minute decisions), the DelaySim setting.
@@ -341,12 +372,12 @@ fn main() -> Result<(), SimError> {
     let start = Instant::now();
     if !json {
         println!(
-            "agent = advertiser 0 of 48, {days} days per cell, 50k PVs a day, \
+            "agent = advertiser {agent_name} of 48, {days} days per cell, 50k PVs a day, \
              {ticks} ticks a day (sparse), {delayed_ticks} (delayed, mean delay 2 h)"
         );
         if replay {
             println!(
-                "offline replay: each day's market as advertiser 0 saw it live, \
+                "offline replay: each day's market as advertiser {agent_name} saw it live, \
                  win iff bid >= least winning cost, pay it, every win shown"
             );
         }
@@ -364,34 +395,45 @@ fn main() -> Result<(), SimError> {
         };
         // Replay: the days' markets, logged once, serve every ratio and
         // policy (the log is of the day at budget ratio 1).
+        let day = SimConfig::preset(preset).with_ticks(t);
         let logs = if replay {
-            let day = SimConfig::preset(preset).with_ticks(t);
             Some(
                 (1000..1000 + days)
-                    .map(|seed| MarketLog::record(&day, seed))
+                    .zip(&agents)
+                    .map(|(seed, &a)| MarketLog::record(&day.clone().with_agent(a), seed))
                     .collect::<Result<Vec<_>, _>>()?,
             )
         } else {
             None
         };
-        // `--history N`: advertiser 0's past days (seeds 2000.., apart from
+        // `--history N`: each agent's past days (seeds 2000.., apart from
         // the days scored).
-        let history = if history_days > 0 {
-            let day = SimConfig::preset(preset).with_ticks(t);
-            let past = (2000..2000 + history_days)
-                .map(|seed| MarketLog::record(&day, seed))
-                .collect::<Result<Vec<_>, _>>()?;
-            Some(PriceHistory::from_logs(&past)?)
+        let history: HashMap<usize, Arc<PriceHistory>> = if history_days > 0 {
+            let mut distinct = agents.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            distinct
+                .into_iter()
+                .map(|a| {
+                    let past = (2000..2000 + history_days)
+                        .map(|seed| MarketLog::record(&day.clone().with_agent(a), seed))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok((a, Arc::new(PriceHistory::from_logs(&past)?)))
+                })
+                .collect::<Result<_, SimError>>()?
         } else {
-            None
+            HashMap::new()
         };
         // `--structure N`: per scored day, N draws of its own market, and N
         // of its population with fresh levels.
         let (structure, population) = if structure_draws > 0 {
-            let day = SimConfig::preset(preset).with_ticks(t);
             let draws = |fresh: bool| {
                 (1000..1000 + days)
-                    .map(|seed| structure_history(&day, seed, structure_draws, fresh).map(Arc::new))
+                    .zip(&agents)
+                    .map(|(seed, &a)| {
+                        let day = day.clone().with_agent(a);
+                        structure_history(&day, seed, structure_draws, fresh).map(Arc::new)
+                    })
                     .collect::<Result<Vec<_>, _>>()
             };
             (Some(draws(false)?), Some(draws(true)?))
@@ -405,31 +447,38 @@ fn main() -> Result<(), SimError> {
         };
         let logs = logs.as_deref();
         for &ratio in &ratios {
-            let config = SimConfig::preset(preset)
-                .with_ticks(t)
-                .with_budget_ratio(ratio);
+            let config = day.clone().with_budget_ratio(ratio);
             let mut rows = vec![
-                ("pid", run(&config, PidPolicy::default(), days, logs)?),
-                ("onlinelp", run(&config, onlinelp(cpa_factor), days, logs)?),
+                ("pid", run(&config, &agents, PidPolicy::default(), logs)?),
+                (
+                    "onlinelp",
+                    run(&config, &agents, onlinelp(cpa_factor), logs)?,
+                ),
                 (
                     "constant",
-                    run(&config, ConstantPolicy::default(), days, logs)?,
+                    run(&config, &agents, ConstantPolicy::default(), logs)?,
                 ),
             ];
-            if let Some(history) = &history {
-                let policy = HistoryLpPolicy::new([history.clone()])
+            if !history.is_empty() {
+                let policy = HistoryLpPolicy::new(history.values().cloned())
                     .with_level_weight(level)
                     .with_cpa_factor(cpa_factor);
-                rows.push(("history_lp", run(&config, policy, days, logs)?));
+                rows.push(("history_lp", run(&config, &agents, policy, logs)?));
             }
             if let (Some(structure), Some(population)) = (&structure, &population) {
                 let policy = per_day("structure_lp", structure, cpa_factor);
-                rows.push(("structure_lp", run(&config, policy, days, logs)?));
+                rows.push(("structure_lp", run(&config, &agents, policy, logs)?));
                 let policy = per_day("population_lp", population, cpa_factor);
-                rows.push(("population_lp", run(&config, policy, days, logs)?));
-                if let Some(history) = &history {
-                    let policy = prefix_lp("prefix_lp", structure, |_| history, t, cpa_factor)?;
-                    rows.push(("prefix_lp", run(&config, policy, days, logs)?));
+                rows.push(("population_lp", run(&config, &agents, policy, logs)?));
+                if !history.is_empty() {
+                    let policy = prefix_lp(
+                        "prefix_lp",
+                        structure,
+                        |d| &history[&agents[d]],
+                        t,
+                        cpa_factor,
+                    )?;
+                    rows.push(("prefix_lp", run(&config, &agents, policy, logs)?));
                 }
                 let policy = prefix_lp(
                     "prefix_pop_lp",
@@ -438,7 +487,7 @@ fn main() -> Result<(), SimError> {
                     t,
                     cpa_factor,
                 )?;
-                rows.push(("prefix_pop_lp", run(&config, policy, days, logs)?));
+                rows.push(("prefix_pop_lp", run(&config, &agents, policy, logs)?));
             }
             if let (true, Some(logs)) = (hindsight, logs) {
                 let bound = Hindsight {
@@ -446,14 +495,15 @@ fn main() -> Result<(), SimError> {
                     day: 0,
                     alpha: 0.0,
                 };
-                rows.push(("hindsight", run(&config, bound, days, Some(logs))?));
+                rows.push(("hindsight", run(&config, &agents, bound, Some(logs))?));
                 // One replay per log, each with the bidder that knows it.
                 let mut scores = Vec::with_capacity(logs.len());
                 let (mut spend, mut elapsed) = (0.0, Duration::ZERO);
-                for log in &shared {
+                for (log, &a) in shared.iter().zip(&agents) {
                     let mut bound = HindsightLpPolicy::new(log.clone()).with_cpa_factor(cpa_factor);
                     let start = Instant::now();
-                    let day = run_replay(&config, log, log.seed(), &mut bound)?;
+                    let day =
+                        run_replay(&config.clone().with_agent(a), log, log.seed(), &mut bound)?;
                     elapsed += start.elapsed();
                     spend += day.outcome.cost / day.outcome.budget.max(1e-9);
                     scores.push(day.outcome.score);

@@ -85,7 +85,8 @@
 //!   seed, and each day multiplies each level by its own `U(1 - n, 1 + n)`
 //!   (`n = 0.25`): past days show the shape of today, as AuctionNet's
 //!   periods of one population do. [`HistoryLpPolicy`] is OnlineLP given
-//!   that shape by hand.
+//!   that shape by hand. With `fresh_levels` only the advertisers recur and
+//!   every level is the day's own draw, as in `sparse`.
 //! * **Delays** (preset `delayed`). A conversion at tick `t` is revealed at
 //!   tick `t + floor(d / tick_hours)`, `d ~ Exponential(2 h)`; those revealed
 //!   after the day's end are never observed within it. The policy's state
