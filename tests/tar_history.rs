@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use nann::tar::model::{TarConfig, TarModel};
 use nann::tar::sim::{
-    evaluate, evaluate_replay, run_replay, DayContext, HindsightLpPolicy, HistoryLpPolicy, Market,
-    MarketLog, Observation, OnlineLpPolicy, Policy, PriceHistory, RecurringMarket, SimConfig,
-    SimError,
+    evaluate, evaluate_replay, run_replay, DayContext, HindsightLpPolicy, HistoryLpPolicy,
+    LoggedTick, Market, MarketLog, Observation, OnlineLpPolicy, Policy, PriceHistory,
+    RecurringMarket, SimConfig, SimError,
 };
 use nann::tar::{MarketReading, TarPolicy};
 
@@ -217,6 +217,43 @@ fn in_the_recurring_market_past_days_beat_todays_prices() {
     );
 }
 
+/// The cost of the PVs of `ticks` whose cost per value is at most
+/// `threshold`.
+fn cost_at_most<'a>(ticks: impl Iterator<Item = &'a LoggedTick>, threshold: f64) -> f64 {
+    ticks
+        .flat_map(|k| k.pvalues().iter().zip(k.least_winning_costs()))
+        .filter(|(&p, &c)| p > 0.0 && c > 0.0 && (c as f64) / (p as f64) <= threshold)
+        .map(|(_, &c)| c as f64)
+        .sum()
+}
+
+/// Checks `history`'s threshold at tick `t` for each share of what the rest
+/// of the day costs (`bought(f64::INFINITY)`): buying up to it costs at
+/// least the share, and one bin (10^(6/600), 2.3%) cheaper costs less.
+fn assert_threshold_buys(
+    history: &PriceHistory,
+    t: usize,
+    shares: &[f64],
+    bought: impl Fn(f64) -> f64,
+) {
+    let bin = 10f64.powf(6.0 / 600.0);
+    let total = bought(f64::INFINITY);
+    for &share in shares {
+        let spend = share * total;
+        let threshold = history
+            .threshold(t, spend, f64::INFINITY, 1.0)
+            .expect("a share of the rest is always bought");
+        assert!(
+            bought(threshold * 1.0001) >= spend,
+            "tick {t} share {share}"
+        );
+        assert!(
+            bought(threshold / bin / 1.0001) < spend,
+            "tick {t} share {share}"
+        );
+    }
+}
+
 #[test]
 fn the_history_threshold_is_the_cheapest_price_that_spends_the_amount() {
     // Checked against the log directly: the PVs of ticks t.. whose cost
@@ -225,34 +262,13 @@ fn the_history_threshold_is_the_cheapest_price_that_spends_the_amount() {
     let config = SimConfig::sparse().with_pvs_per_day(10_000);
     let log = MarketLog::record(&config, 4).unwrap();
     let history = PriceHistory::from_logs(std::slice::from_ref(&log)).unwrap();
-    let bought = |t: usize, threshold: f64| -> f64 {
-        log.ticks()[t..]
-            .iter()
-            .flat_map(|k| k.pvalues().iter().zip(k.least_winning_costs()))
-            .filter(|(&p, &c)| p > 0.0 && c > 0.0 && (c as f64) / (p as f64) <= threshold)
-            .map(|(_, &c)| c as f64)
-            .sum()
-    };
-    let bin = 10f64.powf(6.0 / 600.0);
+    let bought = |t: usize, threshold: f64| cost_at_most(log.ticks()[t..].iter(), threshold);
     let mut checked = 0;
     for t in [0, 10, 30, 47] {
-        let total = bought(t, f64::INFINITY);
-        for share in [0.01, 0.1, 0.5] {
-            let spend = share * total;
-            let threshold = history
-                .threshold(t, spend, f64::INFINITY, 1.0)
-                .expect("a share of the rest is always bought");
-            assert!(
-                bought(t, threshold * 1.0001) >= spend,
-                "tick {t} share {share}"
-            );
-            assert!(
-                bought(t, threshold / bin / 1.0001) < spend,
-                "tick {t} share {share}"
-            );
-            checked += 1;
-        }
+        assert_threshold_buys(&history, t, &[0.01, 0.1, 0.5], |x| bought(t, x));
+        checked += 3;
         // More than the rest of the day costs: no threshold binds.
+        let total = bought(t, f64::INFINITY);
         assert_eq!(
             history.threshold(t, 1.01 * total + 1.0, f64::INFINITY, 1.0),
             None
@@ -275,33 +291,13 @@ fn a_spliced_history_prices_one_days_start_and_anothers_rest() {
     let ha = PriceHistory::from_logs(std::slice::from_ref(&a)).unwrap();
     let hb = PriceHistory::from_logs(std::slice::from_ref(&b)).unwrap();
     let spliced = ha.splice(&hb, from).unwrap();
-    let bought = |t: usize, threshold: f64| -> f64 {
+    let bought = |t: usize, threshold: f64| {
         let early = a.ticks()[t.min(from)..from].iter();
         let late = b.ticks()[t.max(from)..].iter();
-        early
-            .chain(late)
-            .flat_map(|k| k.pvalues().iter().zip(k.least_winning_costs()))
-            .filter(|(&p, &c)| p > 0.0 && c > 0.0 && (c as f64) / (p as f64) <= threshold)
-            .map(|(_, &c)| c as f64)
-            .sum()
+        cost_at_most(early.chain(late), threshold)
     };
-    let bin = 10f64.powf(6.0 / 600.0);
     for t in [0, 10, 19, 20, 35] {
-        let total = bought(t, f64::INFINITY);
-        for share in [0.05, 0.3, 0.8] {
-            let spend = share * total;
-            let threshold = spliced
-                .threshold(t, spend, f64::INFINITY, 1.0)
-                .expect("a share of the rest is always bought");
-            assert!(
-                bought(t, threshold * 1.0001) >= spend,
-                "tick {t} share {share}"
-            );
-            assert!(
-                bought(t, threshold / bin / 1.0001) < spend,
-                "tick {t} share {share}"
-            );
-        }
+        assert_threshold_buys(&spliced, t, &[0.05, 0.3, 0.8], |x| bought(t, x));
     }
     // The ends: spliced at 0 it is B, at the end (or past it) it is A.
     for t in [0, 24, 47] {
