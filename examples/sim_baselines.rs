@@ -14,7 +14,7 @@
 //! ```sh
 //! cargo run --release --example sim_baselines            # table
 //! cargo run --release --example sim_baselines -- --json  # one object per line
-//! cargo run --release --example sim_baselines -- --days 20 --delayed-ticks 48
+//! cargo run --release --example sim_baselines -- --days 20 --delayed-ticks 48 --ratios 0.5,0.75
 //! cargo run --release --example sim_baselines -- --replay --json
 //! # with two hindsight bounds beside them (replay only; not policies: they
 //! # know each day's prices in advance): `hindsight`, the best constant bid
@@ -368,7 +368,22 @@ fn main() -> Result<(), SimError> {
             .collect::<Result<_, _>>()?,
         None => vec![Preset::Sparse, Preset::Delayed],
     };
-    let ratios = [0.5, 0.75, 1.0, 1.25, 1.5];
+    // `--ratios a,b,..`: the budget ratios (default 0.5, 0.75, 1.0, 1.25, 1.5).
+    let ratios: Vec<f64> = match args.iter().position(|a| a == "--ratios") {
+        Some(i) => args
+            .get(i + 1)
+            .map(|v| v.as_str())
+            .unwrap_or("")
+            .split(',')
+            .map(|r| {
+                r.parse::<f64>().map_err(|_| SimError::Config {
+                    field: "budget_ratio",
+                    message: format!("`{r}` is not a number"),
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        None => vec![0.5, 0.75, 1.0, 1.25, 1.5],
+    };
     let start = Instant::now();
     if !json {
         println!(
