@@ -29,6 +29,8 @@
 //! # market (same advertisers, budgets, CPA targets, traffic and pValue
 //! # levels; other PVs, other competitor bid draws), the most a forecast of
 //! # the day's structure can give an LP bidder
+//! # `--window 6` adds `window_lp`: history_lp reading the rest of the
+//! # current 4-hour window from today's prices (a runnable policy)
 //! # Beside it `population_lp`, OnlineLP on N days of the day's advertisers
 //! # with fresh levels (what knowing today's competitors is worth), and
 //! # `prefix_lp` (needs `--history`): OnlineLP that knows the day's market
@@ -329,6 +331,10 @@ fn main() -> Result<(), SimError> {
     let delayed_ticks = value("--delayed-ticks").unwrap_or(288) as usize;
     // `--history N`: a `history_lp` row, OnlineLP on N past days' prices.
     let history_days = value("--history").unwrap_or(0);
+    // `--window W` (with `--history`): a `window_lp` row, history_lp that
+    // reads the rest of the current window (one of W a day) from today's
+    // prices.
+    let windows = value("--window").unwrap_or(0) as usize;
     // `--structure N`: a `structure_lp` row, OnlineLP on N other draws of
     // each scored day's own market (a bound, see the module docs).
     let structure_draws = value("--structure").unwrap_or(0);
@@ -479,6 +485,12 @@ fn main() -> Result<(), SimError> {
                     .with_level_weight(level)
                     .with_cpa_factor(cpa_factor);
                 rows.push(("history_lp", run(&config, &agents, policy, logs)?));
+                if windows > 0 {
+                    let policy = HistoryLpPolicy::new(history.values().cloned())
+                        .with_window_reading(windows)
+                        .with_cpa_factor(cpa_factor);
+                    rows.push(("window_lp", run(&config, &agents, policy, logs)?));
+                }
             }
             if let (Some(structure), Some(population)) = (&structure, &population) {
                 let policy = per_day("structure_lp", structure, cpa_factor);
@@ -565,8 +577,8 @@ fn main() -> Result<(), SimError> {
                     // The bounds' paired difference from history_lp.
                     if let (
                         Some(base),
-                        "structure_lp" | "population_lp" | "prefix_lp" | "prefix_pop_lp"
-                        | "hindsight_lp",
+                        "window_lp" | "structure_lp" | "population_lp" | "prefix_lp"
+                        | "prefix_pop_lp" | "hindsight_lp",
                     ) = (&history_scores, name)
                     {
                         let diff: Vec<f64> =

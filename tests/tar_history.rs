@@ -9,7 +9,7 @@ use nann::tar::model::{TarConfig, TarModel};
 use nann::tar::sim::{
     evaluate, evaluate_replay, run_replay, DayContext, HindsightLpPolicy, HistoryLpPolicy,
     LoggedTick, Market, MarketLog, Observation, OnlineLpPolicy, Policy, PriceHistory,
-    RecurringMarket, SimConfig, SimError,
+    RecurringMarket, SimConfig, SimError, StepState, TickFeedback,
 };
 use nann::tar::{MarketReading, TarPolicy};
 
@@ -489,4 +489,97 @@ fn a_looser_cpa_guard_buys_more_for_onlinelp_and_history_lp() {
     for bad in [0.0, -1.0, f64::NAN] {
         assert_eq!(spent(&mut history_lp(1.0).with_cpa_factor(bad)), base);
     }
+}
+
+#[test]
+fn the_window_reading_prices_the_rest_of_the_window_on_todays_prices() {
+    // Driven by hand: after one tick of today's window whose PVs cost a
+    // tenth of the plain history_lp's bid per unit of pValue, and enough of
+    // them to spend the budget left, the window reading bids at most that
+    // price (one bin above); the plain policy, which prices the window on
+    // the history, bids ten times more. At the first tick of the next
+    // window nothing of it is seen yet, and both bid the same.
+    let config = SimConfig::sparse().with_pvs_per_day(10_000);
+    let history = PriceHistory::from_logs(&[MarketLog::record(&config, 8).unwrap()]).unwrap();
+    let ticks = 48;
+    let share = vec![1.0 / ticks as f64; ticks];
+    let day = DayContext {
+        advertiser: 0,
+        category: 0,
+        budget: 1_000.0,
+        cpa_target: 1e6,
+        ticks,
+        traffic_share: &share,
+    };
+    let mut plain = HistoryLpPolicy::new([history.clone()]);
+    let mut windowed = HistoryLpPolicy::new([history]).with_window_reading(6);
+    plain.begin_day(&day);
+    windowed.begin_day(&day);
+    let state = StepState::default();
+    fn observe<'a>(
+        tick: usize,
+        last: Option<TickFeedback<'a>>,
+        state: &'a StepState,
+    ) -> Observation<'a> {
+        Observation {
+            tick,
+            ticks: 48,
+            budget: 1_000.0,
+            remaining: 50.0,
+            cpa_target: 1e6,
+            state,
+            pvalues: &[],
+            last,
+        }
+    }
+    assert_eq!(
+        plain.act(&observe(0, None, &state)),
+        windowed.act(&observe(0, None, &state))
+    );
+    // The plain bid at tick 1 does not depend on the PVs' prices (no cost
+    // charged: the markup stays 1).
+    let probe = TickFeedback {
+        pvalues: &[0.01],
+        least_winning_cost: &[1.0],
+        cost: 0.0,
+        wins: 0,
+        exposures: 0,
+        observed_conversions: 0,
+    };
+    let plain_bid = plain.clone().act(&observe(1, Some(probe), &state));
+    let cheap = plain_bid / 10.0;
+    let n = (50.0 / (cheap * 0.01 * 0.8)).ceil() as usize;
+    let pvalues = vec![0.01f32; n];
+    let costs = vec![(cheap * 0.01) as f32; n];
+    let feedback = TickFeedback {
+        pvalues: &pvalues,
+        least_winning_cost: &costs,
+        ..probe
+    };
+    assert_eq!(plain.act(&observe(1, Some(feedback), &state)), plain_bid);
+    let bid = windowed.act(&observe(1, Some(feedback), &state));
+    assert!(
+        bid <= cheap * 1.03,
+        "window reading {bid}, today's window at {cheap}, plain {plain_bid}"
+    );
+    for tick in 2..8 {
+        plain.act(&observe(tick, Some(feedback), &state));
+        windowed.act(&observe(tick, Some(feedback), &state));
+    }
+    assert_eq!(
+        plain.act(&observe(8, Some(feedback), &state)),
+        windowed.act(&observe(8, Some(feedback), &state))
+    );
+    // Window 1 starts afresh: after a tick of dear PVs (a thousand times
+    // the plain bid) the cheap ones of window 0 are forgotten, and after
+    // another cheap tick the window reading prices on it again.
+    let dear_costs = vec![(plain_bid * 1_000.0 * 0.01) as f32; n];
+    let dear = TickFeedback {
+        least_winning_cost: &dear_costs,
+        ..feedback
+    };
+    let bid = windowed.act(&observe(9, Some(dear), &state));
+    assert!(bid > 2.0 * cheap, "window 0 not forgotten: {bid}");
+    let bid = windowed.act(&observe(10, Some(feedback), &state));
+    assert!(bid <= cheap * 1.03, "window 1 not read: {bid}");
 }

@@ -266,6 +266,13 @@ pub struct HistoryLpPolicy {
     /// The CPA the guard allows, in CPA targets (1, the default), as
     /// [`OnlineLpPolicy::cpa_factor`].
     pub cpa_factor: f64,
+    /// Windows of constant price levels per day (0, the default: none);
+    /// see [`with_window_reading`](Self::with_window_reading).
+    pub windows: usize,
+    /// Today's cost and pValue per bin in the window of `window_index`.
+    window_cost: Vec<f64>,
+    window_value: Vec<f64>,
+    window_index: Option<usize>,
     today: Option<Arc<PriceHistory>>,
     fallback: OnlineLpPolicy,
     prices: PriceMemory,
@@ -290,6 +297,10 @@ impl HistoryLpPolicy {
             cap: 1.3,
             level_weight: 0.0,
             cpa_factor: 1.0,
+            windows: 0,
+            window_cost: Vec::new(),
+            window_value: Vec::new(),
+            window_index: None,
             today: None,
             fallback: OnlineLpPolicy::default(),
             prices: PriceMemory::new(48),
@@ -297,6 +308,20 @@ impl HistoryLpPolicy {
             today_value: 0.0,
             alpha: 0.0,
         }
+    }
+
+    /// Reads the rest of the current window from today's prices: the day
+    /// is `windows` equal windows whose price levels hold within a window
+    /// and are drawn afresh between them (the simulator's pValue levels
+    /// hold 4 hours: 6 windows). From the second tick of a window on, the
+    /// ticks left in it are priced on the PVs seen in it today (their
+    /// cost-per-value histogram, scaled to the window's remaining traffic
+    /// by the history's ratio of remaining to seen), and the later windows
+    /// on the history, as before. Takes precedence over
+    /// [`level_weight`](Self::level_weight). 0 turns it off.
+    pub fn with_window_reading(mut self, windows: usize) -> Self {
+        self.windows = windows;
+        self
     }
 
     /// Sets [`cpa_factor`](Self::cpa_factor) (a non-finite or non-positive
@@ -333,6 +358,7 @@ impl Policy for HistoryLpPolicy {
         self.prices = PriceMemory::new(day.ticks);
         self.today_cost = 0.0;
         self.today_value = 0.0;
+        self.window_index = None;
         self.alpha = day.cpa_target;
     }
 
@@ -341,6 +367,9 @@ impl Policy for HistoryLpPolicy {
             return self.fallback.act(obs);
         };
         let cap = self.cap * obs.cpa_target;
+        if self.windows > 0 {
+            return self.act_windowed(obs, &history, cap);
+        }
         if let Some(last) = obs.last {
             self.prices.observe(&last, self.alpha);
             // Today's level is read only with a level weight.
@@ -371,6 +400,58 @@ impl Policy for HistoryLpPolicy {
             .threshold(obs.tick, obs.remaining, obs.cpa_target * self.cpa_factor, k)
             .map_or(cap, |a| a * level);
         self.alpha = alpha.min(cap);
+        self.alpha
+    }
+}
+
+impl HistoryLpPolicy {
+    /// [`act`](Policy::act) with the window reading (see
+    /// [`with_window_reading`](Self::with_window_reading)).
+    fn act_windowed(&mut self, obs: &Observation<'_>, history: &PriceHistory, cap: f64) -> f64 {
+        let ticks = history.ticks();
+        let len = (ticks / self.windows.max(1)).max(1);
+        if let Some(last) = obs.last {
+            self.prices.observe(&last, self.alpha);
+            // The feedback is of tick t - 1: a new window starts afresh.
+            let window = obs.tick.saturating_sub(1) / len;
+            if self.window_index != Some(window) {
+                self.window_index = Some(window);
+                self.window_cost.clear();
+                self.window_cost.resize(BINS, 0.0);
+                self.window_value.clear();
+                self.window_value.resize(BINS, 0.0);
+            }
+            for (&p, &c) in last.pvalues.iter().zip(last.least_winning_cost) {
+                if p > 0.0 && c > 0.0 {
+                    let b = bin_of(c as f64 / p as f64);
+                    self.window_cost[b] += c as f64;
+                    self.window_value[b] += p as f64;
+                }
+            }
+        }
+        let t = obs.tick.min(ticks);
+        let start = t / len * len;
+        let end = (start + len).min(ticks);
+        // The history's expected pValue of the window's seen and remaining
+        // ticks: today's seen PVs stand for the remaining ones in that ratio.
+        let seen = history.seen_value[t] - history.seen_value[start];
+        let remaining = history.seen_value[end] - history.seen_value[t];
+        let k = self.prices.markup() * self.prices.exposure_rate();
+        let cpa = obs.cpa_target * self.cpa_factor;
+        let (later_cost, later_value) = history.rest(end);
+        let alpha = if self.window_index == Some(t / len) && t > start && seen > 0.0 {
+            let scale = remaining / seen;
+            let bins = (0..BINS).map(|b| {
+                (
+                    self.window_cost[b] * scale + later_cost[b],
+                    self.window_value[b] * scale + later_value[b],
+                )
+            });
+            lp_threshold(bins, (obs.remaining, k), (cpa, k))
+        } else {
+            history.threshold(obs.tick, obs.remaining, cpa, k)
+        };
+        self.alpha = alpha.map_or(cap, |a| a.min(cap));
         self.alpha
     }
 }
