@@ -23,7 +23,10 @@
 //! With `level_weight = w > 0` the history's prices are also multiplied by
 //! `level^w`, `level` being today's cost per value over the history's on
 //! the ticks seen so far (a day-wide correction; `w = 0`, the default, is
-//! the pure history).
+//! the pure history). With a window reading
+//! ([`HistoryLpPolicy::with_window_reading`]) the rest of the current
+//! window of constant price levels is priced on today's PVs seen in it
+//! instead, and only the later windows on the history.
 
 use std::collections::HashMap;
 use std::sync::Arc;
