@@ -297,22 +297,21 @@ fn main() -> Result<(), SimError> {
     let json = args.iter().any(|a| a == "--json");
     let replay = args.iter().any(|a| a == "--replay");
     let hindsight = replay && args.iter().any(|a| a == "--hindsight");
-    let value = |name: &str| {
+    // The word after flag `name`, if any.
+    let arg = |name: &str| {
         args.iter()
             .position(|a| a == name)
             .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse::<u64>().ok())
+            .map(String::as_str)
     };
+    let value = |name: &str| arg(name).and_then(|v| v.parse::<u64>().ok());
+    let float = |name: &str| arg(name).and_then(|v| v.parse::<f64>().ok());
     let days = value("--days").unwrap_or(8);
     // `--agent A`: the advertiser bid for (0, the first of category 0, by
     // default; the first of each category has no pValue factor of its own);
     // `--agent cycle`: day i bids for advertiser 7i mod 48, as tar_eval's
     // test cells do.
-    let agent_arg = args
-        .iter()
-        .position(|a| a == "--agent")
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str);
+    let agent_arg = arg("--agent");
     let agents: Vec<usize> = (0..days)
         .map(|i| match agent_arg {
             Some("cycle") => ((i * 7) % 48) as usize,
@@ -340,26 +339,15 @@ fn main() -> Result<(), SimError> {
     let structure_draws = value("--structure").unwrap_or(0);
     // `--level W`: history_lp scales the history's prices by today's level
     // over the history's to the power W (0: the pure history).
-    let level = args
-        .iter()
-        .position(|a| a == "--level")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let level = float("--level").unwrap_or(0.0);
     // `--cpa-factor K`: the LP bidders' CPA guard stops at K CPA targets
     // (onlinelp, history_lp, structure_lp, prefix_lp, hindsight_lp; 1 = the
     // target).
-    let cpa_factor = args
-        .iter()
-        .position(|a| a == "--cpa-factor")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse::<f64>().ok())
+    let cpa_factor = float("--cpa-factor")
         .filter(|k| k.is_finite() && *k > 0.0)
         .unwrap_or(1.0);
     let presets: Vec<Preset> = match args.iter().position(|a| a == "--presets") {
-        Some(i) => args
-            .get(i + 1)
-            .map(|v| v.as_str())
+        Some(_) => arg("--presets")
             .unwrap_or("")
             .split(',')
             .map(|name| match name {
@@ -376,9 +364,7 @@ fn main() -> Result<(), SimError> {
     };
     // `--ratios a,b,..`: the budget ratios (default 0.5, 0.75, 1.0, 1.25, 1.5).
     let ratios: Vec<f64> = match args.iter().position(|a| a == "--ratios") {
-        Some(i) => args
-            .get(i + 1)
-            .map(|v| v.as_str())
+        Some(_) => arg("--ratios")
             .unwrap_or("")
             .split(',')
             .map(|r| {
