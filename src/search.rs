@@ -212,7 +212,10 @@ impl Index {
             ..
         } = scratch;
         visited.reset(slots);
-        beam.reset(ef);
+        // No beam wider than the slots the search can meet: a wider one
+        // never fills, so the results are the same, and a caller's
+        // `usize::MAX` ("everything") neither overflows nor allocates.
+        beam.reset(ef.min(slots.max(1)));
         let view = self.graph.search_view(guard);
 
         for &entry in entries {
@@ -524,7 +527,9 @@ impl Index {
         guard: &Guard,
     ) -> Vec<Hit> {
         let slots = self.next_slot.load(Ordering::Acquire);
-        let mut best = std::collections::BinaryHeap::<Scored>::with_capacity(k + 1);
+        // At most one entry per slot is kept (plus the one pushed before the
+        // farthest is popped), whatever `k` the caller asks.
+        let mut best = std::collections::BinaryHeap::<Scored>::with_capacity(k.min(slots) + 1);
         for slot in 0..slots as u32 {
             let Some(v) = self.graph.vector(slot, guard) else {
                 continue;

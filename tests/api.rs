@@ -256,3 +256,42 @@ fn search_stats_count_the_work() {
     let (_, all) = index.search_with_stats(&query, 10, n as usize).unwrap();
     assert!(all.distances >= n as usize, "{all:?}");
 }
+
+#[test]
+fn any_k_and_ef_return_at_most_the_index_and_never_panic() {
+    // "Give me everything": k and ef far past the index's size, up to
+    // usize::MAX, through every search entry point. Each returns every
+    // live entry, nearest first, as a k of exactly the index's size does.
+    let index = Index::new(params(2)).unwrap();
+    for key in 0..50u64 {
+        index.insert(key, &[key as f32, 0.0]).unwrap();
+    }
+    index.remove(7).unwrap();
+    let q = [10.2f32, 0.0];
+    let all = index.search_exact(&q, 49).unwrap();
+    assert_eq!(all.len(), 49);
+    for (k, ef) in [
+        (usize::MAX, 16),
+        (10, usize::MAX),
+        (usize::MAX, usize::MAX),
+        (1 << 40, 1 << 40),
+    ] {
+        let keys = |hits: Vec<nann::Hit>| hits.iter().map(|h| h.key).collect::<Vec<_>>();
+        let want = keys(all.clone());
+        let want_k = &want[..k.min(want.len())];
+        assert_eq!(
+            keys(index.search(&q, k, ef).unwrap()),
+            want_k,
+            "k {k} ef {ef}"
+        );
+        assert_eq!(keys(index.search_exact(&q, k).unwrap()), want_k, "k {k}");
+        let (hits, _) = index.search_with_stats(&q, k, ef).unwrap();
+        assert_eq!(keys(hits), want_k, "k {k} ef {ef}");
+        let hits = index
+            .search_filtered(&q, k, ef, |key| key % 2 == 0)
+            .unwrap();
+        assert_eq!(hits.len(), k.min(25), "k {k} ef {ef}");
+        let batch = index.search_batch(&[q, q], k, ef, 2);
+        assert_eq!(keys(batch[1].clone().unwrap()), want_k, "k {k} ef {ef}");
+    }
+}
