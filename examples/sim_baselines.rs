@@ -30,7 +30,10 @@
 //! # levels; other PVs, other competitor bid draws), the most a forecast of
 //! # the day's structure can give an LP bidder
 //! # `--window 6` adds `window_lp`: history_lp reading the rest of the
-//! # current 4-hour window from today's prices (a runnable policy)
+//! # current 4-hour window from today's prices (a runnable policy);
+//! # `--score` adds `score_lp` and `saa_lp`: each tick the bid of highest
+//! # expected day score (not OnlineLP's CPA guard) on the mean past day,
+//! # and averaged over each past day (runnable policies)
 //! # Beside it `population_lp`, OnlineLP on N days of the day's advertisers
 //! # with fresh levels (what knowing today's competitors is worth), and
 //! # `prefix_lp` (needs `--history`): OnlineLP that knows the day's market
@@ -48,7 +51,7 @@ use std::time::{Duration, Instant};
 use nann::tar::sim::{
     mean_ci95, run_episode, run_replay, ConstantPolicy, DayContext, HindsightLpPolicy,
     HistoryLpPolicy, MarketLog, Observation, OnlineLpPolicy, PidPolicy, Policy, Preset,
-    PriceHistory, PriceMemory, RecurringMarket, SimConfig, SimError,
+    PriceHistory, PriceMemory, RecurringMarket, ScoreLpPolicy, SimConfig, SimError,
 };
 
 /// Wraps a policy and times its decisions.
@@ -334,6 +337,10 @@ fn main() -> Result<(), SimError> {
     // reads the rest of the current window (one of W a day) from today's
     // prices.
     let windows = value("--window").unwrap_or(0) as usize;
+    // `--score` (with `--history`): `score_lp` and `saa_lp` rows, the bid
+    // of highest expected day score on the mean past day and averaged over
+    // each past day (see `ScoreLpPolicy`).
+    let score_rows = args.iter().any(|a| a == "--score");
     // `--structure N`: a `structure_lp` row, OnlineLP on N other draws of
     // each scored day's own market (a bound, see the module docs).
     let structure_draws = value("--structure").unwrap_or(0);
@@ -415,7 +422,9 @@ fn main() -> Result<(), SimError> {
         };
         // `--history N`: each agent's past days (seeds 2000.., apart from
         // the days scored).
-        let history: HashMap<usize, Arc<PriceHistory>> = if history_days > 0 {
+        // With `--score`, also one history per past day (the scenarios).
+        type Histories = (Arc<PriceHistory>, Vec<Arc<PriceHistory>>);
+        let histories: HashMap<usize, Histories> = if history_days > 0 {
             let mut distinct = agents.clone();
             distinct.sort_unstable();
             distinct.dedup();
@@ -425,12 +434,23 @@ fn main() -> Result<(), SimError> {
                     let past = (2000..2000 + history_days)
                         .map(|seed| MarketLog::record(&day.clone().with_agent(a), seed))
                         .collect::<Result<Vec<_>, _>>()?;
-                    Ok((a, Arc::new(PriceHistory::from_logs(&past)?)))
+                    let singles = if score_rows {
+                        past.iter()
+                            .map(|d| PriceHistory::from_logs(std::slice::from_ref(d)).map(Arc::new))
+                            .collect::<Result<Vec<_>, _>>()?
+                    } else {
+                        Vec::new()
+                    };
+                    Ok((a, (Arc::new(PriceHistory::from_logs(&past)?), singles)))
                 })
                 .collect::<Result<_, SimError>>()?
         } else {
             HashMap::new()
         };
+        let history: HashMap<usize, Arc<PriceHistory>> = histories
+            .iter()
+            .map(|(&a, (mean, _))| (a, mean.clone()))
+            .collect();
         // `--structure N`: per scored day, N draws of its own market, and N
         // of its population with fresh levels.
         let (structure, population) = if structure_draws > 0 {
@@ -476,6 +496,15 @@ fn main() -> Result<(), SimError> {
                         .with_window_reading(windows)
                         .with_cpa_factor(cpa_factor);
                     rows.push(("window_lp", run(&config, &agents, policy, logs)?));
+                }
+                if score_rows {
+                    let policy = ScoreLpPolicy::new(history.values().cloned());
+                    rows.push(("score_lp", run(&config, &agents, policy, logs)?));
+                    let scenarios = histories
+                        .values()
+                        .flat_map(|(_, days)| days.iter().cloned());
+                    let policy = ScoreLpPolicy::new(scenarios);
+                    rows.push(("saa_lp", run(&config, &agents, policy, logs)?));
                 }
             }
             if let (Some(structure), Some(population)) = (&structure, &population) {
@@ -563,8 +592,8 @@ fn main() -> Result<(), SimError> {
                     // The bounds' paired difference from history_lp.
                     if let (
                         Some(base),
-                        "window_lp" | "structure_lp" | "population_lp" | "prefix_lp"
-                        | "prefix_pop_lp" | "hindsight_lp",
+                        "window_lp" | "score_lp" | "saa_lp" | "structure_lp" | "population_lp"
+                        | "prefix_lp" | "prefix_pop_lp" | "hindsight_lp",
                     ) = (&history_scores, name)
                     {
                         let diff: Vec<f64> =

@@ -230,7 +230,7 @@ impl PriceHistory {
 
     /// Mean cost and pValue per bin over ticks `tick..` (empty past the
     /// end).
-    fn rest(&self, tick: usize) -> (&[f64], &[f64]) {
+    pub(crate) fn rest(&self, tick: usize) -> (&[f64], &[f64]) {
         let t = tick.min(self.ticks());
         (
             &self.rest_cost[t * BINS..(t + 1) * BINS],

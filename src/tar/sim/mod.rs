@@ -154,6 +154,7 @@ mod prices;
 mod records;
 mod replay;
 mod rng;
+mod score_lp;
 
 pub use auction::{exposed, Gsp, SlotWin, SLOTS};
 pub use config::{DelayConfig, Preset, RecurringMarket, SimConfig, SimError};
@@ -169,3 +170,4 @@ pub use policy::{
 pub use prices::PriceMemory;
 pub use records::{score, StepRecord, StepState, TickStats};
 pub use replay::{evaluate_replay, run_replay, LoggedTick, MarketLog, ReplayLog};
+pub use score_lp::ScoreLpPolicy;

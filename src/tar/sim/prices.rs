@@ -40,6 +40,19 @@ pub(crate) fn bin_of(cost_per_value: f64) -> usize {
     }
 }
 
+/// The bin of `cost_per_value` and the share of that bin (in log cost per
+/// value, clamped to `0..=1`) that lies below it.
+pub(crate) fn bin_share_below(cost_per_value: f64) -> (usize, f64) {
+    let x = (cost_per_value.log10() - LOG_MIN) / (LOG_MAX - LOG_MIN) * BINS as f64;
+    let b = bin_of(cost_per_value);
+    let share = if x.is_nan() {
+        0.0
+    } else {
+        (x - b as f64).clamp(0.0, 1.0)
+    };
+    (b, share)
+}
+
 /// The upper edge (cost per value) of bin `b`.
 pub(crate) fn bin_upper(b: usize) -> f64 {
     10f64.powf(LOG_MIN + (b + 1) as f64 * (LOG_MAX - LOG_MIN) / BINS as f64)
