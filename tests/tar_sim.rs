@@ -343,3 +343,56 @@ fn typed_errors() {
         SimError::NoEpisodes
     );
 }
+
+/// Records the bids, in CPA targets, of the policy it wraps.
+struct Bids<P> {
+    inner: P,
+    factors: Vec<f64>,
+}
+
+impl<P: Policy> Policy for Bids<P> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn begin_day(&mut self, day: &DayContext<'_>) {
+        self.inner.begin_day(day);
+    }
+    fn act(&mut self, obs: &Observation<'_>) -> f64 {
+        let alpha = self.inner.act(obs);
+        self.factors.push(alpha / obs.cpa_target);
+        alpha
+    }
+}
+
+#[test]
+fn pid_bids_at_most_its_cap_and_takes_any_steps() {
+    // A budget it cannot spend: PID under-paces all day and climbs x1.2 a
+    // tick, from 1 CPA target to 1.2^47 without a cap; with max_factor it
+    // stops there. A step range given the wrong way round (down > up) or
+    // NaN is no panic.
+    let config = small().with_budget_ratio(50.0);
+    for cap in [1.5, 4.0] {
+        let mut pid = PidPolicy::default();
+        pid.max_factor = cap;
+        let mut bids = Bids {
+            inner: pid,
+            factors: Vec::new(),
+        };
+        run_episode(&config, 5, &mut bids).unwrap();
+        let top = bids.factors.iter().copied().fold(0.0, f64::max);
+        assert!(
+            top <= cap * (1.0 + 1e-12) && top >= cap * 0.99,
+            "cap {cap}: highest bid {top} CPA targets"
+        );
+    }
+    for (down, up) in [(1.5, 1.2), (f64::NAN, 1.2), (0.7, f64::NAN)] {
+        let mut pid = PidPolicy::default();
+        pid.down = down;
+        pid.up = up;
+        let log = run_episode(&small(), 6, &mut pid);
+        assert!(
+            matches!(log, Ok(_) | Err(SimError::Action { .. })),
+            "down {down} up {up}"
+        );
+    }
+}

@@ -113,8 +113,9 @@ impl Policy for ConstantPolicy {
 /// tick's spend with the plan `remaining x share(t) / share(t..T)` (the
 /// budget left spread over the expected remaining traffic) and multiplies
 /// `alpha` by `(plan / spend)^gain`, clamped to `[down, up]` (AuctionNet:
-/// x1.2 when under-pacing, x0.7 when over-pacing). It ignores the CPA
-/// target after the start: pure pacing.
+/// x1.2 when under-pacing, x0.7 when over-pacing), and caps it at
+/// `max_factor` CPA targets. Below the cap it ignores the CPA target after
+/// the start: pure pacing.
 #[derive(Debug, Clone)]
 pub struct PidPolicy {
     /// Exponent of the correction.
@@ -163,7 +164,9 @@ fn pace(alpha: f64, planned: f64, spent: f64, gain: f64, down: f64, up: f64) -> 
     if spent <= 0.0 {
         return alpha * up;
     }
-    alpha * (planned / spent).powf(gain).clamp(down, up)
+    // max / min, not clamp: a caller's `down > up` (or a NaN) must not
+    // panic; the step is then `up`.
+    alpha * (planned / spent).powf(gain).max(down).min(up)
 }
 
 impl Policy for PidPolicy {
@@ -180,7 +183,8 @@ impl Policy for PidPolicy {
             let planned = plan(&self.share, obs.tick - 1, self.remaining_before);
             self.alpha = pace(
                 self.alpha, planned, last.cost, self.gain, self.down, self.up,
-            );
+            )
+            .min(self.max_factor * obs.cpa_target);
         }
         self.remaining_before = obs.remaining;
         self.alpha
