@@ -232,7 +232,8 @@ fn run(args: &Args) -> Result<(), String> {
         Arc::clone(&index),
         Arc::clone(&model),
         NearlineOptions::default(),
-    );
+    )
+    .map_err(|e| e.to_string())?;
     let stop = AtomicBool::new(false);
     let mut latencies_ms = Vec::new();
     let mut recall_sum = 0.0;

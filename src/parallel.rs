@@ -4,14 +4,20 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// Most threads one batch call starts, whatever it is asked for: past the
+/// cores, more threads only add stacks.
+const MAX_THREADS: usize = 1024;
+
 /// Number of threads to use for `requested` (0 = all available cores).
 pub(crate) fn thread_count(requested: usize, items: usize) -> usize {
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
     let wanted = if requested == 0 { available } else { requested };
-    wanted.clamp(1, items.max(1))
+    wanted.clamp(1, items.clamp(1, MAX_THREADS))
 }
 
 /// Computes `f(i)` for `i in 0..n` on `threads` threads; results in order.
+/// The caller's thread is one of them, so a thread the OS refuses to start
+/// costs speed, not the call (std's `scope.spawn` would panic instead).
 pub(crate) fn map_indexed<T, F>(n: usize, threads: usize, f: F) -> Vec<T>
 where
     T: Send,
@@ -25,31 +31,31 @@ where
     // Relaxed: the counter only hands out disjoint blocks; results travel back
     // through `join`, which synchronises.
     let next = AtomicUsize::new(0);
+    let work = || {
+        let mut out = Vec::new();
+        loop {
+            let start = next.fetch_add(BLOCK, Ordering::Relaxed);
+            if start >= n {
+                break;
+            }
+            for i in start..(start + BLOCK).min(n) {
+                out.push((i, f(i)));
+            }
+        }
+        out
+    };
     let mut parts: Vec<Vec<(usize, T)>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut out = Vec::new();
-                    loop {
-                        let start = next.fetch_add(BLOCK, Ordering::Relaxed);
-                        if start >= n {
-                            break;
-                        }
-                        for i in start..(start + BLOCK).min(n) {
-                            out.push((i, f(i)));
-                        }
-                    }
-                    out
-                })
-            })
+        // A worker that cannot be started is dropped: the others claim its
+        // blocks from the same counter.
+        let workers: Vec<_> = (1..threads)
+            .filter_map(|_| std::thread::Builder::new().spawn_scoped(scope, work).ok())
             .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
+        let mut parts = vec![work()];
+        parts.extend(workers.into_iter().map(|w| {
+            w.join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        }));
+        parts
     });
     let mut slots: Vec<Option<T>> = (0..n).map(|_| None).collect();
     for part in parts.drain(..) {

@@ -718,3 +718,16 @@ fn logged_budgets_are_confounded_with_exposure() {
     // Measured -0.03 to 0.013 (which ads happen to be exposed).
     assert!(control.abs() < 0.05, "control gap {control}");
 }
+
+#[test]
+fn buckets_clamp_their_ends_and_take_any_count() {
+    // Ends clamp to the first and last bucket; no buckets is one (0), not
+    // an underflow.
+    assert_eq!(ratio_bucket(-3.0, 10), 0);
+    assert_eq!(ratio_bucket(0.55, 10), 5);
+    assert_eq!(ratio_bucket(1.0, 10), 9);
+    assert_eq!(ratio_bucket(f32::NAN, 10), 0);
+    assert_eq!(ratio_bucket(0.7, 0), 0);
+    assert_eq!(log_bucket(1e30, 6.0, 0), 0);
+    assert_eq!(log_bucket(1e30, 6.0, 20), 19);
+}

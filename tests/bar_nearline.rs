@@ -37,7 +37,8 @@ fn the_last_event_per_ad_wins_while_searches_run() {
             workers: 2,
             ..NearlineOptions::default()
         },
-    );
+    )
+    .unwrap();
     let stop = AtomicBool::new(false);
     let mut last: Vec<Option<AdFeatures>> = vec![None; market.ads().len()];
     std::thread::scope(|s| {
@@ -109,7 +110,8 @@ fn events_for_unknown_ads_insert_them_and_bad_features_fail_without_panics() {
         Arc::clone(&index),
         Arc::clone(&model),
         NearlineOptions::default(),
-    );
+    )
+    .unwrap();
     let ad = market.ads()[3].features;
     updater.send(77, ad).unwrap();
     let bad = AdFeatures {

@@ -396,3 +396,38 @@ fn pid_bids_at_most_its_cap_and_takes_any_steps() {
         );
     }
 }
+
+#[test]
+fn extreme_configs_are_typed_errors_or_run_never_panics() {
+    // Sizes whose products overflow, CPA levels past counting, and a delay
+    // so long no conversion is revealed within the day (checked in debug
+    // builds, where overflow panics).
+    let mut huge = small();
+    huge.categories = 1 << 33;
+    huge.per_category = 1 << 33;
+    assert!(matches!(
+        huge.validate(),
+        Err(SimError::Config {
+            field: "per_category",
+            ..
+        })
+    ));
+    let mut levels = small();
+    levels.cpa_targets = (1.0, 2.0, 1e-20);
+    assert!(matches!(
+        run_episode(&levels, 0, &mut ConstantPolicy::default()),
+        Err(SimError::Config {
+            field: "cpa_targets",
+            ..
+        })
+    ));
+    let far = SimConfig::delayed()
+        .with_pvs_per_day(10_000)
+        .with_ticks(48)
+        .with_delay(Some(DelayConfig { mean_hours: 1e300 }));
+    let log = run_episode(&far, 3, &mut ConstantPolicy::default()).unwrap();
+    let observed: u64 = log.advertisers.iter().map(|a| a.observed_conversions).sum();
+    let real: u64 = log.advertisers.iter().map(|a| a.conversions).sum();
+    assert_eq!(observed, 0, "a 1e300-hour delay revealed a conversion");
+    assert!(real > 0);
+}

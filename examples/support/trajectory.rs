@@ -378,7 +378,8 @@ pub fn play_day(
         Arc::clone(&world.index),
         Arc::clone(&world.model),
         NearlineOptions::default(),
-    );
+    )
+    .map_err(|e| e.to_string())?;
     updater
         .send(campaign.key, campaign.features(1.0, 1.0, 1.0))
         .map_err(|e| e.to_string())?;

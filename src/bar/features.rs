@@ -137,10 +137,11 @@ pub(crate) fn token_vocab(config: &BarConfig) -> [(&'static str, usize); 8] {
     ]
 }
 
-/// `x` in `[0, 1]` to one of `buckets` equal buckets (ends clamp).
+/// `x` in `[0, 1]` to one of `buckets` equal buckets (ends clamp; no
+/// buckets is one bucket, 0).
 pub fn ratio_bucket(x: f32, buckets: usize) -> u32 {
     let b = (x.clamp(0.0, 1.0) * buckets as f32) as usize;
-    b.min(buckets - 1) as u32
+    b.min(buckets.saturating_sub(1)) as u32
 }
 
 /// A non-negative amount, by `log1p`, to one of `buckets` equal buckets over

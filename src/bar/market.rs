@@ -901,7 +901,7 @@ impl Market {
         let run = |lo: usize, hi: usize| {
             let mut scratch = Scratch::default();
             (lo..hi)
-                .map(|i| self.session_with(start + i as u64, &mut scratch))
+                .map(|i| self.session_with(start.wrapping_add(i as u64), &mut scratch))
                 .collect::<Vec<_>>()
         };
         std::thread::scope(|scope| {
@@ -959,7 +959,13 @@ impl Market {
         }
         let free = n - excluded.len();
         let mut rng = Rng::new(self.config.seed, S_EASY, mix(session.index) ^ salt);
-        let mut pairs = Vec::with_capacity(per_positive * (IMPRESSIONS + 3 * PER_STRATUM));
+        // Saturating and bounded: a caller's huge `per_positive` is a long
+        // loop, not an allocation failure up front.
+        let mut pairs = Vec::with_capacity(
+            per_positive
+                .saturating_mul(IMPRESSIONS + 3 * PER_STRATUM)
+                .min(1 << 20),
+        );
         for positive in session.ads() {
             for _ in 0..per_positive {
                 // The r-th ad not excluded: skip past the excluded ads below it.

@@ -48,6 +48,16 @@ pub enum NearlineError {
     /// The updater was shut down.
     #[error("the near-line updater has shut down")]
     Closed,
+    /// The OS refused a worker thread (`started` had started; they were
+    /// stopped again). Ask for fewer workers, or raise the process's
+    /// thread or memory limits.
+    #[error("could not start near-line worker {started}: {message}")]
+    Spawn {
+        /// Workers started before the one refused.
+        started: usize,
+        /// The OS's reason.
+        message: String,
+    },
 }
 
 /// Settings of a [`NearlineUpdater`].
@@ -129,7 +139,7 @@ struct Shared {
 /// let index = Arc::new(Index::new(
 ///     IndexParams::new(config.d_model, Metric::L2).payload_len(config.payload_bytes()),
 /// )?);
-/// let updater = NearlineUpdater::spawn(Arc::clone(&index), Arc::clone(&model), NearlineOptions::default());
+/// let updater = NearlineUpdater::spawn(Arc::clone(&index), Arc::clone(&model), NearlineOptions::default())?;
 /// let bid = BidFeatures { bid_type: 0, bid_constraint: 5.0, budget_left_ratio: 0.5,
 ///                         time_left_ratio: 0.5, default_bid_value: 2.0 };
 /// let ad = AdFeatures { item: 3, cate: 2, brand: 1, bid };
@@ -139,7 +149,7 @@ struct Shared {
 /// assert!(index.contains(42));
 /// let report = updater.shutdown();
 /// assert_eq!(report.failed, 0);
-/// # Ok::<(), nann::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct NearlineUpdater {
     shared: Arc<Shared>,
@@ -159,7 +169,15 @@ impl NearlineUpdater {
     /// `dim == model.config().d_model` and
     /// `payload_len == model.config().payload_bytes()`; otherwise every
     /// event fails (counted in the report) and nothing is changed.
-    pub fn spawn(index: Arc<Index>, model: Arc<BarModel>, options: NearlineOptions) -> Self {
+    ///
+    /// # Errors
+    ///
+    /// [`NearlineError::Spawn`] if the OS refuses a worker thread.
+    pub fn spawn(
+        index: Arc<Index>,
+        model: Arc<BarModel>,
+        options: NearlineOptions,
+    ) -> Result<Self, NearlineError> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 pending: HashMap::new(),
@@ -172,15 +190,29 @@ impl NearlineUpdater {
             idle: Condvar::new(),
             capacity: options.capacity.max(1),
         });
-        let workers = (0..options.workers.max(1))
-            .map(|_| {
-                let shared = Arc::clone(&shared);
-                let index = Arc::clone(&index);
-                let model = Arc::clone(&model);
-                std::thread::spawn(move || worker(&shared, &index, &model))
-            })
-            .collect();
-        Self { shared, workers }
+        let mut updater = Self {
+            shared,
+            workers: Vec::new(),
+        };
+        for started in 0..options.workers.max(1) {
+            let shared = Arc::clone(&updater.shared);
+            let index = Arc::clone(&index);
+            let model = Arc::clone(&model);
+            match std::thread::Builder::new()
+                .name("nann-nearline".into())
+                .spawn(move || worker(&shared, &index, &model))
+            {
+                Ok(handle) => updater.workers.push(handle),
+                // Dropping `updater` stops the workers already started.
+                Err(e) => {
+                    return Err(NearlineError::Spawn {
+                        started,
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(updater)
     }
 
     /// Queues a bid event: `key`'s ad now has `features`. Returns at once.

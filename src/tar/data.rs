@@ -183,7 +183,9 @@ impl Dataset {
     /// kept too. Deterministic in `data` and `sim` (not in `threads`).
     pub fn collect(sim: &SimConfig, data: &DataConfig) -> Result<Self, SimError> {
         sim.validate()?;
-        let seeds: Vec<u64> = (0..data.episodes).map(|i| data.first_seed + i).collect();
+        let seeds: Vec<u64> = (0..data.episodes)
+            .map(|i| data.first_seed.wrapping_add(i))
+            .collect();
         let threads = data.threads.clamp(1, 64);
         let chunk = seeds.len().div_ceil(threads).max(1);
         let parts: Vec<Result<Vec<Trajectory>, SimError>> = std::thread::scope(|scope| {

@@ -235,9 +235,10 @@ impl SimConfig {
         self
     }
 
-    /// Number of advertisers.
+    /// Number of advertisers (saturating: `validate` rejects a product
+    /// that large).
     pub fn advertisers(&self) -> usize {
-        self.categories * self.per_category
+        self.categories.saturating_mul(self.per_category)
     }
 
     /// Length of one tick in hours.
@@ -290,6 +291,12 @@ impl SimConfig {
             return bad(
                 "cpa_targets",
                 format!("({lo}, {hi}, {step}) is not 0 < lo <= hi, step > 0"),
+            );
+        }
+        if (hi - lo) / step > 1e6 {
+            return bad(
+                "cpa_targets",
+                format!("({lo}, {hi}, {step}) has more than a million levels"),
             );
         }
         if !(self.reserve_price.is_finite() && self.reserve_price >= 0.0) {

@@ -166,7 +166,8 @@ impl Ledger {
     /// `delay_hours`: it is revealed at tick `t + floor(delay / tick)`, or
     /// never within the day if that is past its end.
     pub(super) fn convert(&mut self, t: usize, delay_hours: f64, tick_hours: f64) {
-        let r = t + (delay_hours / tick_hours).floor() as usize;
+        // `as` saturates a huge or infinite delay; the add must too.
+        let r = t.saturating_add((delay_hours / tick_hours).floor() as usize);
         if r < self.ticks {
             self.reveal[r] += 1;
         }
