@@ -7,6 +7,10 @@ use nann::tar::sim::{
     DelayConfig, Gsp, Observation, OnlineLpPolicy, PidPolicy, Policy, SimConfig, SimError,
 };
 
+#[path = "support/recording.rs"]
+mod recording;
+use recording::Recording;
+
 fn small() -> SimConfig {
     SimConfig::sparse().with_pvs_per_day(10_000)
 }
@@ -344,26 +348,6 @@ fn typed_errors() {
     );
 }
 
-/// Records the bids, in CPA targets, of the policy it wraps.
-struct Bids<P> {
-    inner: P,
-    factors: Vec<f64>,
-}
-
-impl<P: Policy> Policy for Bids<P> {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn begin_day(&mut self, day: &DayContext<'_>) {
-        self.inner.begin_day(day);
-    }
-    fn act(&mut self, obs: &Observation<'_>) -> f64 {
-        let alpha = self.inner.act(obs);
-        self.factors.push(alpha / obs.cpa_target);
-        alpha
-    }
-}
-
 #[test]
 fn pid_bids_at_most_its_cap_and_takes_any_steps() {
     // A budget it cannot spend: PID under-paces all day and climbs x1.2 a
@@ -374,12 +358,9 @@ fn pid_bids_at_most_its_cap_and_takes_any_steps() {
     for cap in [1.5, 4.0] {
         let mut pid = PidPolicy::default();
         pid.max_factor = cap;
-        let mut bids = Bids {
-            inner: pid,
-            factors: Vec::new(),
-        };
+        let mut bids = Recording::new(pid);
         run_episode(&config, 5, &mut bids).unwrap();
-        let top = bids.factors.iter().copied().fold(0.0, f64::max);
+        let top = bids.alphas.iter().map(|a| a / bids.cpa).fold(0.0, f64::max);
         assert!(
             top <= cap * (1.0 + 1e-12) && top >= cap * 0.99,
             "cap {cap}: highest bid {top} CPA targets"
