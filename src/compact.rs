@@ -96,7 +96,9 @@ impl Index {
     /// ```
     pub fn compact(&self) -> Compaction {
         let _quiescent = self.writer_gate.write();
-        // Acquire: pairs with the Release publication of each slot.
+        // Acquire is more than needed: `next_slot` only bounds the scan (it
+        // is handed out Relaxed); each slot's cell word is loaded with
+        // Acquire, pairing with its Release publication, before use.
         let slots = self.next_slot.load(Ordering::Acquire) as u32;
         let removed: Vec<u32> = (0..slots).filter(|&s| self.is_tombstone(s)).collect();
         if removed.is_empty() {

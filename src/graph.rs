@@ -262,8 +262,13 @@ impl<'a> LinksView<'a> {
     /// The degree, bounded by the list's room (a torn value stays in bounds).
     #[inline]
     pub(crate) fn len(&self) -> usize {
-        // Relaxed: validated by `validate` (lock.rs).
-        ((self.degree.load(Ordering::Relaxed) & DEGREE_MASK) as usize).min(self.ids.len())
+        // Acquire, though `validate` (lock.rs) checks the snapshot: the ids
+        // are *used* before validation (to mark them visited), so an id
+        // below a degree seen here must be one the writer stored before it
+        // (pairs with the Release store in `write_links`), never a stale
+        // word past the old degree. Free on x86; on weaker targets it
+        // orders this load before the id loads.
+        ((self.degree.load(Ordering::Acquire) & DEGREE_MASK) as usize).min(self.ids.len())
     }
 
     /// Id `i` (`i < len()`).
@@ -498,9 +503,10 @@ impl Graph {
     /// Copies the raw list without any version check.
     fn copy_list(&self, degree: &AtomicU32, ids: &[AtomicU32], out: &mut Vec<u32>) {
         out.clear();
-        // Relaxed: validated (or lock-protected) by the caller; a torn value is
-        // at worst a stale id or a bounded degree, never out of bounds.
-        let n = ((degree.load(Ordering::Relaxed) & DEGREE_MASK) as usize).min(ids.len());
+        // Acquire: as in `LinksView::len`, every id below the degree read is
+        // one stored before it; the caller validates (or holds the lock) for
+        // the snapshot as a whole.
+        let n = ((degree.load(Ordering::Acquire) & DEGREE_MASK) as usize).min(ids.len());
         out.extend(ids[..n].iter().map(|id| id.load(Ordering::Relaxed)));
     }
 
@@ -641,14 +647,29 @@ impl Graph {
                 limit: self.slot_capacity(),
             })?[1];
         if level > 0 && meta.load(Ordering::Acquire) >> DEGREE_BITS == 0 {
-            // Relaxed: the counter only hands out distinct indices.
-            let index = self.upper_count.fetch_add(1, Ordering::Relaxed) as usize;
-            if index + 1 >= 1 << (32 - DEGREE_BITS) {
-                return Err(Error::CapacityExceeded {
-                    limit: (1 << (32 - DEGREE_BITS)) * self.m,
-                });
+            // An index is taken only once its room is checked and reserved:
+            // a failure must leave no index without a block, which `export`
+            // would write as a hole that `open` rejects. Relaxed (load and
+            // CAS): the counter only hands out distinct indices; the block
+            // is published below with Release.
+            let mut index = self.upper_count.load(Ordering::Relaxed) as usize;
+            loop {
+                if index + 1 >= 1 << (32 - DEGREE_BITS) {
+                    return Err(Error::CapacityExceeded {
+                        limit: (1 << (32 - DEGREE_BITS)) * self.m,
+                    });
+                }
+                self.upper_nodes.reserve(index + 1)?;
+                match self.upper_count.compare_exchange_weak(
+                    index as u32,
+                    index as u32 + 1,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => break,
+                    Err(now) => index = now as usize,
+                }
             }
-            self.upper_nodes.reserve(index + 1)?;
             let words = (0..level * (1 + self.m))
                 .map(|_| AtomicU32::new(0))
                 .collect();
@@ -703,13 +724,15 @@ impl Graph {
                 std::mem::size_of::<UpperLinks>() + if u.owned { u.words().len() * 4 } else { 0 }
             })
             .sum();
-        self.level0.allocated_bytes() - self.level0.capacity() * 4 + upper
+        // Each allocated level-0 record's lock word is fixed state; a
+        // borrowed record (an opened file's) is not allocated at all.
+        self.level0.allocated_bytes() - self.level0.owned_len() * 4 + upper
     }
 
     /// Bytes of per-slot state other than lists and vectors: the lock word,
     /// the cell word and the anchor, plus the table of upper-layer blocks.
     pub(crate) fn slot_state_bytes(&self) -> usize {
-        self.level0.capacity() * 4
+        self.level0.owned_len() * 4
             + self.cells.allocated_bytes()
             + self.upper_nodes.allocated_bytes()
             + self.anchors.allocated_bytes()

@@ -387,6 +387,11 @@ impl Index {
 
     /// The slot of a live key.
     pub(crate) fn slot_of(&self, key: u64) -> Option<u32> {
+        // Pinned: `key_at` reads the key of the cell a slot's word names, and
+        // without a pin that cell could be retired by an update, reclaimed
+        // and reused for another key between the two loads: a live key would
+        // then be missed. Pins nest, so callers already pinned pay little.
+        let _guard = self.pin();
         self.key_map().get(key, |slot| self.key_at(slot))
     }
 
@@ -396,7 +401,10 @@ impl Index {
     pub(crate) fn key_map(&self) -> &KeyMap {
         if self.keys.is_pending() {
             self.keys.fill(
-                // Acquire: pairs with the Release that published each slot.
+                // Acquire is more than needed: `next_slot` is handed out with a
+                // Relaxed `fetch_add` and only bounds the scan; each slot's
+                // cell word is loaded with Acquire (pairing with its Release
+                // publication) before its key is read.
                 || self.next_slot.load(Ordering::Acquire) as u32,
                 |s| self.live_key(s),
                 |s| self.key_at(s),

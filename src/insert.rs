@@ -131,13 +131,18 @@ impl Index {
                     }
                 };
                 let level = self.levels.next();
-                {
-                    let node = self
+                let initialised = match self.graph.lock_node(slot) {
+                    Some(node) => self
                         .graph
-                        .lock_node(slot)
-                        .ok_or(Error::OutOfMemory { bytes: 0 })?;
-                    self.graph.init_node(&node, level)?;
-                    self.graph.publish_cell(&node, cell);
+                        .init_node(&node, level)
+                        .map(|()| self.graph.publish_cell(&node, cell)),
+                    None => Err(Error::OutOfMemory { bytes: 0 }),
+                };
+                // On failure the cell was never published: give it back
+                // (after the node's lock is released).
+                if let Err(e) = initialised {
+                    self.graph.vectors.release_unpublished(cell);
+                    return Err(e);
                 }
                 self.key_map().insert(key, slot, |s| self.key_at(s));
                 self.live.fetch_add(1, Ordering::Relaxed);

@@ -741,6 +741,32 @@ mod tests {
     }
 
     #[test]
+    fn a_neighbour_id_no_slot_owns_is_skipped_by_search_not_allocated_for() {
+        // A list word naming no slot (what a damaged file's list tail, read
+        // by a search racing a writer, could hold) must cost a skip: the
+        // search still finds the nearest entries, and its visited marks do
+        // not grow to the bad id (4 billion of them).
+        let index = small_index();
+        let bad = u32::MAX - 2;
+        for slot in 0..300 {
+            let mut kept = Vec::new();
+            index.graph.read_links(slot, 0, &mut kept);
+            kept.truncate(3);
+            kept.insert(0, bad);
+            index.graph.corrupt_links(slot, 0, &kept);
+        }
+        let x = 17.0f32;
+        let q = [x.sin(), x.cos(), (x * 0.37).sin(), (x * 0.11).cos()];
+        let hits = index.search(&q, 1, 32).unwrap();
+        assert_eq!(hits[0].key, 17);
+        let scratch = index.take_scratch();
+        assert!(
+            !scratch.visited.covers(bad) && !scratch.visited.covers(1 << 20),
+            "visited marks grew to a bad id"
+        );
+    }
+
+    #[test]
     fn i2_self_loop_is_caught() {
         let index = small_index();
         index.graph.corrupt_links(5, 0, &[5]);

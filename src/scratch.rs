@@ -69,6 +69,13 @@ impl Visited {
         }
     }
 
+    /// Whether `slot` is within the slots sized for (an `insert` of it does
+    /// not grow the marks).
+    #[inline]
+    pub(crate) fn covers(&self, slot: u32) -> bool {
+        (slot as usize) < self.tags.len()
+    }
+
     /// Marks `slot`; returns `true` if it was not yet visited.
     #[inline]
     pub(crate) fn insert(&mut self, slot: u32) -> bool {

@@ -22,7 +22,7 @@ use crossbeam_epoch::Guard;
 
 use crate::distance::DistanceVisitor;
 use crate::error::Result;
-use crate::graph::{LinksView, SearchView, VectorRef};
+use crate::graph::{LinksView, SearchView, VectorRef, NO_CELL};
 use crate::index::{Hit, Index};
 use crate::scratch::{Scored, Scratch, Visited};
 use crate::sync::Ordering;
@@ -622,6 +622,13 @@ fn collect_unvisited(
         fresh.clear();
         for i in 0..list.len() {
             let n = list.id(i);
+            // An id past the slots `visited` was sized for is a node inserted
+            // since the search began (rare), or a word no slot owns: only a
+            // slot that exists may grow `visited`, so a bad id costs a skip,
+            // not an allocation of its size.
+            if !visited.covers(n) && view.cell_word(n) == NO_CELL {
+                continue;
+            }
             if visited.insert(n) {
                 let word = view.cell_word(n);
                 view.prefetch(word);

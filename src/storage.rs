@@ -268,12 +268,18 @@ impl<T> Chunked<T> {
     /// Bytes allocated on the heap (for memory accounting; a borrowed
     /// chunk 0 is not counted).
     pub(crate) fn allocated_bytes(&self) -> usize {
+        self.owned_len() * self.stride * std::mem::size_of::<T>()
+    }
+
+    /// Elements in allocated chunks (the borrowed first chunk, if any, is
+    /// the caller's memory, not ours).
+    pub(crate) fn owned_len(&self) -> usize {
         let borrowed = if self.borrowed.is_some() {
             self.geometry.first
         } else {
             0
         };
-        (self.capacity() - borrowed) * self.stride * std::mem::size_of::<T>()
+        self.capacity().saturating_sub(borrowed)
     }
 }
 

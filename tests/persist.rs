@@ -629,3 +629,24 @@ fn forged_ids_in_sorted_lists_are_caught_one_by_one() {
         "{v:?}"
     );
 }
+
+#[test]
+fn an_opened_index_reports_the_memory_it_allocated_not_the_file() {
+    // Opened zero-copy, the records live in the mapped file: the heap
+    // holds less than the built index's, and writes that grow the index
+    // past the file allocate and are counted.
+    let built = churned_index(2_000, 8, 8, Metric::L2);
+    let path = temp_path("memory_usage");
+    built.save(&path).unwrap();
+    let opened = Index::open(&path).unwrap();
+    let (b, o) = (built.memory_usage(), opened.memory_usage());
+    assert!(o.total() < b.total(), "opened {o:?} built {b:?}");
+    assert_eq!(o.live, b.live);
+    heavy_writes(&opened, 3_000, 8);
+    let grown = opened.memory_usage();
+    assert!(
+        grown.links > o.links && grown.total() > o.total(),
+        "{grown:?} after writes, {o:?} before"
+    );
+    let _ = std::fs::remove_file(&path);
+}
