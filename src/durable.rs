@@ -32,8 +32,18 @@
 //!   [`update_with_payload`](DurableIndex::update_with_payload)); a plain
 //!   [`update`](DurableIndex::update) keeps the entry's payload on replay
 //!   as it does when first applied, and a plain insert stores zeros. One that
-//!   still fails when applied (out of memory) is reported to the caller and
-//!   skipped again on replay ([`ReplayReport::skipped`]).
+//!   still fails when applied (out of memory) is reported to the caller;
+//!   on replay it is applied again, which may then succeed
+//!   ([`ReplayReport::skipped`] counts those that fail again).
+//! * A failed log write or fsync fails exactly the operations of its batch
+//!   (a later batch's success never reports them durable); the log is cut
+//!   back and the cut fsynced, so they do not come back after a crash.
+//!
+//! # One process at a time
+//!
+//! Nothing locks the directory: two `DurableIndex`es on one directory (in
+//! one process or two) would delete each other's logs at checkpoints. Open
+//! a directory from one place only.
 //!
 //! # Checkpoint
 //!
@@ -55,7 +65,7 @@ use crate::index::Index;
 use crate::params::IndexParams;
 use crate::persist::log::{
     create_log_file, decode_header, decode_records, log_file_name, parse_log_file_name, LogHeader,
-    LogOp, LogOpRef, LogWriter,
+    LogOp, LogOpRef, LogWriter, SYNC_LOG_DIR,
 };
 use crate::persist::{io_error, Durability, FileInfo, FsStorage, Storage};
 
@@ -157,11 +167,26 @@ impl DurableIndex {
         storage
             .create_dir_all(&dir)
             .map_err(|e| io_error("create directory", &dir, e))?;
+        // The directory's own name must survive a power loss too.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            storage
+                .sync_dir(parent, SYNC_LOG_DIR)
+                .map_err(|e| io_error("fsync directory", parent, e))?;
+        }
         let snapshot_path = dir.join(SNAPSHOT_FILE);
-        if storage.read(&snapshot_path).is_ok() {
+        // Never replace what is there: an index, or logs whose snapshot is
+        // missing or unreadable (an error other than "not found" is not
+        // "no index here").
+        let names = storage.list(&dir).map_err(|e| io_error("list", &dir, e))?;
+        if exists(storage.as_ref(), &snapshot_path)?
+            || names.iter().any(|n| parse_log_file_name(n).is_some())
+        {
             return Err(Error::InvalidParameter {
                 name: "dir",
-                reason: format!("{} already holds an index; open it instead", dir.display()),
+                reason: format!(
+                    "{} already holds an index or its update logs; open it instead",
+                    dir.display()
+                ),
             });
         }
         let index = Index::new(params)?;
@@ -254,11 +279,25 @@ impl DurableIndex {
             }
         }
 
-        let generation = generations.last().map_or(1, |g| g + 1);
+        // Checked: both come from the files (a forged name or header must be
+        // a typed error, not an overflow).
+        let corrupt = |what: &str| -> Error {
+            crate::FormatError::Corrupt(format!("{what} in {} is at its maximum", dir.display()))
+                .into()
+        };
+        let generation = match generations.last() {
+            None => 1,
+            Some(g) => g
+                .checked_add(1)
+                .ok_or_else(|| corrupt("a log generation"))?,
+        };
+        let next_lsn = last_lsn
+            .checked_add(1)
+            .ok_or_else(|| corrupt("a log sequence number"))?;
         let (dim, payload_len) = index.log_shape();
         let (file, path, len) =
             create_log_file(storage.as_ref(), &dir, dim, payload_len, generation)?;
-        let log = LogWriter::new(file, path, len, last_lsn + 1, options.durability);
+        let log = LogWriter::new(file, path, len, next_lsn, options.durability);
         Ok(Self::assemble(
             index,
             dir,
@@ -278,7 +317,7 @@ impl DurableIndex {
         options: DurableOptions,
     ) -> Result<Self> {
         let dir = dir.as_ref();
-        if options.storage.read(&dir.join(SNAPSHOT_FILE)).is_ok() {
+        if exists(options.storage.as_ref(), &dir.join(SNAPSHOT_FILE))? {
             Self::open(dir, options)
         } else {
             Self::create(dir, params, options)
@@ -471,5 +510,15 @@ impl Index {
     /// payload length.
     fn log_shape(&self) -> (u32, u32) {
         (self.params.dim as u32, self.params.payload_len as u32)
+    }
+}
+
+/// Whether `path` exists: `false` only for "not found"; any other error
+/// (permissions, I/O) is returned, not taken for absence.
+fn exists(storage: &dyn Storage, path: &Path) -> Result<bool> {
+    match storage.read(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_error("read", path, e)),
     }
 }

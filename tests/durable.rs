@@ -432,3 +432,83 @@ fn kill_9_at_random_points_loses_no_acknowledged_operation() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn a_failed_first_batch_of_a_log_keeps_its_header_and_later_writes() {
+    // The first record batch of a new log generation fails (and the
+    // operation with it); the writes after it are acknowledged and must
+    // all be there after a reopen. A cut back past the log's header would
+    // make the whole generation unreadable and lose them.
+    let ops = script(9, 30, 0);
+    for errno in [28, 5] {
+        let storage = SimStorage::new(errno as u64);
+        let index = DurableIndex::create("/db", params(), sim_options(&storage)).unwrap();
+        storage.fail_at(1, errno);
+        assert!(run(&index, &ops[0]).is_err(), "the injected failure");
+        for op in &ops {
+            run(&index, op).unwrap();
+        }
+        drop(index);
+        storage.crash();
+        let reopened = DurableIndex::open("/db", sim_options(&storage)).unwrap();
+        assert_eq!(state(reopened.index()), model_after(&ops), "errno {errno}");
+    }
+}
+
+#[test]
+fn create_never_replaces_an_index_or_its_logs() {
+    let storage = SimStorage::new(3);
+    let ops = script(4, 10, 0);
+    let index = DurableIndex::create("/db", params(), sim_options(&storage)).unwrap();
+    for op in &ops {
+        run(&index, op).unwrap();
+    }
+    drop(index);
+    let again = DurableIndex::create("/db", params(), sim_options(&storage));
+    assert!(matches!(
+        again,
+        Err(Error::InvalidParameter { name: "dir", .. })
+    ));
+    // Without its snapshot the logs are still someone's writes.
+    storage.remove(Path::new("/db/index.nann")).unwrap();
+    let again = DurableIndex::create("/db", params(), sim_options(&storage));
+    assert!(
+        matches!(again, Err(Error::InvalidParameter { name: "dir", .. })),
+        "{again:?}"
+    );
+}
+
+#[test]
+fn a_log_name_at_the_last_generation_is_a_typed_error() {
+    // A forged file name: the next generation would overflow.
+    let storage = SimStorage::new(5);
+    let index = DurableIndex::create("/db", params(), sim_options(&storage)).unwrap();
+    drop(index);
+    drop(
+        storage
+            .create(Path::new("/db/log-ffffffffffffffff.wal"))
+            .unwrap(),
+    );
+    let opened = DurableIndex::open("/db", sim_options(&storage));
+    assert!(matches!(opened, Err(Error::Format(_))), "{opened:?}");
+}
+
+#[test]
+fn a_file_truncated_after_a_failed_write_takes_the_next_append_at_its_end() {
+    // FsStorage's log files: `truncate` (set_len) does not move a plain
+    // write position, so without append mode the next batch would land
+    // past the end behind a gap of zeros, ending the log there on recovery.
+    let dir = std::env::temp_dir().join(format!("nann-fs-append-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("log");
+    let _ = std::fs::remove_file(&path);
+    let storage = nann::persist::FsStorage;
+    let mut file = storage.create(&path).unwrap();
+    file.append(b"header--batch-one").unwrap();
+    file.truncate(8).unwrap();
+    file.append(b"batch-two").unwrap();
+    file.sync("test").unwrap();
+    drop(file);
+    assert_eq!(std::fs::read(&path).unwrap(), b"header--batch-two");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -39,14 +39,33 @@ pub(crate) fn write_atomically(storage: &dyn Storage, path: &Path, parts: &[&[u8
         })?
         .to_string_lossy()
         .into_owned();
-    // Relaxed: only distinctness of the suffix matters.
-    let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.tmp.{}.{unique}", std::process::id()));
+    // The temporary name: pid and a process-wide counter, so saves in this
+    // process never collide. A file of that name left by a crashed run of
+    // an earlier process (in a container the pid often repeats) is not
+    // ours: the name is retried with the clock's nanoseconds added.
+    let mut attempt = 0u32;
+    let (tmp, mut file) = loop {
+        // Relaxed: only distinctness of the suffix matters.
+        let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut tmp_name = format!(".{name}.tmp.{}.{unique}", std::process::id());
+        if attempt > 0 {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            tmp_name.push_str(&format!(".{nanos:08x}"));
+        }
+        let tmp = dir.join(tmp_name);
+        match storage.create(&tmp) {
+            Ok(file) => break (tmp, file),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => {
+                attempt += 1;
+            }
+            Err(e) => return Err(error("create", &tmp, e)),
+        }
+    };
 
-    let mut created = false;
+    let mut created = true;
     let result = (|| {
-        let mut file = storage.create(&tmp).map_err(|e| error("create", &tmp, e))?;
-        created = true;
         for part in parts {
             file.append(part).map_err(|e| error("write", &tmp, e))?;
         }

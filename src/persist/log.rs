@@ -37,9 +37,14 @@
 //!
 //! With [`Durability::PerOp`] the leader flushes at once, so a lone writer
 //! pays one fsync per operation and concurrent writers still share fsyncs.
-//! A failed write or fsync fails every operation of its batch; the file is
-//! cut back to its last durable length, and if even that fails the log is
-//! closed and every later operation fails until the index is reopened.
+//! A failed write or fsync fails every operation of its batch (and only
+//! those: every failed batch's range is kept, so a later batch's success
+//! never reports an earlier failed record durable); the file is cut back
+//! to its last durable length (never below its header, which is fsynced
+//! when the file is created) and the cut fsynced. If that fails the log is
+//! closed and every later operation fails until the index is reopened. A
+//! failed fsync leaves the batch's fate on disk unknown until the cut is
+//! durable: its operations are reported failed and were not applied.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -321,8 +326,10 @@ struct WriterState {
     /// Bytes of the file known durable.
     file_len: u64,
     flushing: bool,
-    /// The last failed batch: its lsn range and the error its waiters get.
-    failed: Option<(u64, u64, Error)>,
+    /// Every failed batch since the file was opened: its lsn range and the
+    /// error its waiters get. Checked before `durable_lsn`: a later batch
+    /// that succeeded moves `durable_lsn` past a failed one's records.
+    failed: Vec<(u64, u64, Error)>,
     /// Set when the file could not be restored after a failure.
     closed: Option<Error>,
 }
@@ -346,7 +353,7 @@ impl LogWriter {
                 durable_lsn: next_lsn - 1,
                 file_len,
                 flushing: false,
-                failed: None,
+                failed: Vec::new(),
                 closed: None,
             }),
             durable: Condvar::new(),
@@ -381,13 +388,15 @@ impl LogWriter {
     pub(crate) fn wait_durable(&self, lsn: u64) -> Result<()> {
         let mut state = self.lock();
         loop {
+            if let Some((_, _, e)) = state
+                .failed
+                .iter()
+                .find(|(from, to, _)| (*from..=*to).contains(&lsn))
+            {
+                return Err(e.clone());
+            }
             if state.durable_lsn >= lsn {
                 return Ok(());
-            }
-            if let Some((from, to, e)) = &state.failed {
-                if (*from..=*to).contains(&lsn) {
-                    return Err(e.clone());
-                }
             }
             if let Some(e) = &state.closed {
                 return Err(e.clone());
@@ -431,11 +440,20 @@ impl LogWriter {
                 }
                 Err(e) => {
                     // Cut the failed batch off so no later record follows
-                    // garbage; if that fails too, close the log.
-                    if let Err(t) = file.truncate(state.file_len) {
-                        state.closed = Some(io_error("truncate update log", &path, t));
+                    // garbage, and make the cut durable so the batch cannot
+                    // come back after a crash; if either fails, close the
+                    // log.
+                    let cut = file
+                        .truncate(state.file_len)
+                        .map_err(|t| io_error("truncate update log", &path, t))
+                        .and_then(|()| {
+                            file.sync(SYNC_LOG_FILE)
+                                .map_err(|t| io_error("fsync update log", &path, t))
+                        });
+                    if let Err(t) = cut {
+                        state.closed = Some(t);
                     }
-                    state.failed = Some((from, to, e));
+                    state.failed.push((from, to, e));
                 }
             }
             state.file = Some(file);
@@ -451,7 +469,12 @@ impl LogWriter {
         state.file = Some(file);
         state.path = path;
         state.file_len = file_len;
-        state.failed = None;
+        // Records still buffered belong to operations that were told the
+        // old log failed or closed: they must not reach the new one.
+        // Their lsns are settled (failed): the next batch starts after them.
+        state.buffer.clear();
+        state.durable_lsn = state.next_lsn - 1;
+        state.failed.clear();
         state.closed = None;
     }
 }
@@ -468,14 +491,30 @@ pub(crate) fn create_log_file(
     let mut file = storage
         .create(&path)
         .map_err(|e| io_error("create update log", &path, e))?;
-    file.append(&encode_header(dim, payload_len, generation))
-        .map_err(|e| io_error("write update log header", &path, e))?;
-    // The header becomes durable with the first record batch; only the
-    // name needs the directory fsync now (a torn header reads as empty).
-    storage
-        .sync_dir(dir, SYNC_LOG_DIR)
-        .map_err(|e| io_error("fsync directory", dir, e))?;
-    Ok((file, path, 0))
+    // The header is made durable now, so a failed first batch is cut back
+    // to it, not past it (which would lose the whole generation), and the
+    // name with the directory fsync.
+    let header = encode_header(dim, payload_len, generation);
+    let written = file
+        .append(&header)
+        .map_err(|e| io_error("write update log header", &path, e))
+        .and_then(|()| {
+            file.sync(SYNC_LOG_FILE)
+                .map_err(|e| io_error("fsync update log", &path, e))
+        })
+        .and_then(|()| {
+            storage
+                .sync_dir(dir, SYNC_LOG_DIR)
+                .map_err(|e| io_error("fsync directory", dir, e))
+        });
+    if let Err(e) = written {
+        // Best effort: a half-made log left behind would make the next try
+        // at this generation fail on its name.
+        drop(file);
+        let _ = storage.remove(&path);
+        return Err(e);
+    }
+    Ok((file, path, HEADER_LEN as u64))
 }
 
 /// `log-<generation, 16 hex digits>.wal`.
@@ -495,6 +534,49 @@ pub(crate) fn parse_log_file_name(name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log file whose appends fail while `fail` is set.
+    struct Flaky {
+        fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl StorageFile for Flaky {
+        fn append(&mut self, _bytes: &[u8]) -> std::io::Result<()> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                Err(std::io::Error::other("injected"))
+            } else {
+                Ok(())
+            }
+        }
+        fn sync(&mut self, _what: &'static str) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn truncate(&mut self, _len: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_batch_stays_failed_after_a_later_batch_succeeds() {
+        // Records 1 and 2 go out in a batch that fails; record 3 in a later
+        // one that succeeds. Asked afterwards, record 2 is still lost: the
+        // later success must not report it durable.
+        let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let file = Box::new(Flaky { fail: fail.clone() });
+        let log = LogWriter::new(file, PathBuf::from("log"), 32, 1, Durability::PerOp);
+        let v = [1.0f32, 2.0];
+        let one = log.append(LogOpRef::Insert(1, &v)).unwrap();
+        let two = log.append(LogOpRef::Insert(2, &v)).unwrap();
+        assert!(log.wait_durable(one).is_err());
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        let three = log.append(LogOpRef::Insert(3, &v)).unwrap();
+        log.wait_durable(three).unwrap();
+        assert!(
+            log.wait_durable(two).is_err(),
+            "a lost record reported durable"
+        );
+        assert!(log.wait_durable(one).is_err());
+    }
 
     #[test]
     fn records_round_trip_and_a_torn_tail_ends_the_log() {

@@ -81,7 +81,14 @@ impl Storage for FsStorage {
         fs::read(path)
     }
     fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
-        let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+        // Append mode, as `open_append`: after a `truncate` (`set_len`,
+        // which leaves the write position where it was) the next append
+        // must land at the new end, not past it with a gap of zeros that
+        // would end the log early on recovery.
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(path)?;
         Ok(Box::new(FsFile(file)))
     }
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
