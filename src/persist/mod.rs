@@ -283,8 +283,11 @@ impl Index {
     /// Saves the index to `path` atomically:
     /// a temporary file in the same directory, fsync, rename over `path`,
     /// fsync of the directory. Writers wait while the snapshot is taken in
-    /// memory; searches do not. On error the previous file at `path` is
-    /// untouched and the index is unchanged.
+    /// memory; searches do not. The index is unchanged on error. An error
+    /// before the rename leaves the previous file at `path` untouched; one
+    /// from the directory fsync after it (the last step) means `path` holds
+    /// the new file, which a power loss may still undo. A symlink at `path`
+    /// is replaced by the file, not written through.
     ///
     /// ```
     /// use nann::{Index, IndexParams, Metric};
