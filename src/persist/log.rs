@@ -428,10 +428,7 @@ impl LogWriter {
             let outcome = file
                 .append(&batch)
                 .map_err(|e| io_error("append to update log", &path, e))
-                .and_then(|()| {
-                    file.sync(SYNC_LOG_FILE)
-                        .map_err(|e| io_error("fsync update log", &path, e))
-                });
+                .and_then(|()| sync_log(file.as_mut(), &path));
             state = self.lock();
             match outcome {
                 Ok(()) => {
@@ -446,10 +443,7 @@ impl LogWriter {
                     let cut = file
                         .truncate(state.file_len)
                         .map_err(|t| io_error("truncate update log", &path, t))
-                        .and_then(|()| {
-                            file.sync(SYNC_LOG_FILE)
-                                .map_err(|t| io_error("fsync update log", &path, t))
-                        });
+                        .and_then(|()| sync_log(file.as_mut(), &path));
                     if let Err(t) = cut {
                         state.closed = Some(t);
                     }
@@ -498,10 +492,7 @@ pub(crate) fn create_log_file(
     let written = file
         .append(&header)
         .map_err(|e| io_error("write update log header", &path, e))
-        .and_then(|()| {
-            file.sync(SYNC_LOG_FILE)
-                .map_err(|e| io_error("fsync update log", &path, e))
-        })
+        .and_then(|()| sync_log(file.as_mut(), &path))
         .and_then(|()| {
             storage
                 .sync_dir(dir, SYNC_LOG_DIR)
@@ -515,6 +506,12 @@ pub(crate) fn create_log_file(
         return Err(e);
     }
     Ok((file, path, HEADER_LEN as u64))
+}
+
+/// Fsyncs a log file (call site [`SYNC_LOG_FILE`]), the error naming it.
+fn sync_log(file: &mut dyn StorageFile, path: &Path) -> Result<()> {
+    file.sync(SYNC_LOG_FILE)
+        .map_err(|e| io_error("fsync update log", path, e))
 }
 
 /// `log-<generation, 16 hex digits>.wal`.
