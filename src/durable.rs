@@ -39,11 +39,16 @@
 //!   (a later batch's success never reports them durable); the log is cut
 //!   back and the cut fsynced, so they do not come back after a crash.
 //!
-//! # One process at a time
+//! # One writer at a time
 //!
-//! Nothing locks the directory: two `DurableIndex`es on one directory (in
-//! one process or two) would delete each other's logs at checkpoints. Open
-//! a directory from one place only.
+//! Two `DurableIndex`es on one directory would delete each other's logs at
+//! checkpoints, so each holds the directory's lock ([`Storage::lock_dir`]:
+//! an OS file lock on `dir/nann.lock` on disk) from `create` or `open` until
+//! it drops. A second `create` or `open` of the directory, in this process
+//! or another, fails with [`Error::DirectoryInUse`]. The OS releases the
+//! lock when the holding process dies, so a crash never leaves it stuck.
+//! (A file lock is advisory: code that writes the files without nann, or a
+//! network file system without working locks, is not kept out.)
 //!
 //! # Checkpoint
 //!
@@ -67,7 +72,7 @@ use crate::persist::log::{
     create_log_file, decode_header, decode_records, log_file_name, parse_log_file_name, LogHeader,
     LogOp, LogOpRef, LogWriter, SYNC_LOG_DIR,
 };
-use crate::persist::{io_error, Durability, FileInfo, FsStorage, Storage};
+use crate::persist::{io_error, Durability, FileInfo, FsStorage, Storage, StorageLock};
 
 /// Name of the snapshot file in a durable index's directory.
 pub const SNAPSHOT_FILE: &str = "index.nann";
@@ -152,6 +157,9 @@ pub struct DurableIndex {
     checkpointing: Mutex<()>,
     stripes: Vec<Mutex<()>>,
     report: ReplayReport,
+    /// The directory's writer lock, held for this value's life. Declared
+    /// last so it drops last, after the log file is closed.
+    _dir_lock: Box<dyn StorageLock>,
 }
 
 impl DurableIndex {
@@ -173,12 +181,12 @@ impl DurableIndex {
                 .sync_dir(parent, SYNC_LOG_DIR)
                 .map_err(|e| io_error("fsync directory", parent, e))?;
         }
+        let dir_lock = lock_dir(storage.as_ref(), &dir)?;
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         // Never replace what is there: an index, or logs whose snapshot is
-        // missing or unreadable (an error other than "not found" is not
-        // "no index here").
+        // missing.
         let names = storage.list(&dir).map_err(|e| io_error("list", &dir, e))?;
-        if exists(storage.as_ref(), &snapshot_path)?
+        if names.iter().any(|n| n == SNAPSHOT_FILE)
             || names.iter().any(|n| parse_log_file_name(n).is_some())
         {
             return Err(Error::InvalidParameter {
@@ -202,6 +210,7 @@ impl DurableIndex {
             1,
             Vec::new(),
             ReplayReport::default(),
+            dir_lock,
         ))
     }
 
@@ -212,6 +221,16 @@ impl DurableIndex {
         let dir = dir.as_ref().to_path_buf();
         let storage = options.storage;
         let snapshot_path = dir.join(SNAPSHOT_FILE);
+        if !holds_snapshot(storage.as_ref(), &dir)? {
+            // Checked before taking the lock, which would create its file
+            // in a directory that holds no index.
+            return Err(io_error(
+                "read",
+                &snapshot_path,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        let dir_lock = lock_dir(storage.as_ref(), &dir)?;
         let bytes = storage
             .read(&snapshot_path)
             .map_err(|e| io_error("read", &snapshot_path, e))?;
@@ -306,6 +325,7 @@ impl DurableIndex {
             generation,
             generations,
             report,
+            dir_lock,
         ))
     }
 
@@ -317,7 +337,7 @@ impl DurableIndex {
         options: DurableOptions,
     ) -> Result<Self> {
         let dir = dir.as_ref();
-        if exists(options.storage.as_ref(), &dir.join(SNAPSHOT_FILE))? {
+        if holds_snapshot(options.storage.as_ref(), dir)? {
             Self::open(dir, options)
         } else {
             Self::create(dir, params, options)
@@ -332,6 +352,7 @@ impl DurableIndex {
         generation: u64,
         old_generations: Vec<u64>,
         report: ReplayReport,
+        dir_lock: Box<dyn StorageLock>,
     ) -> Self {
         Self {
             index,
@@ -344,6 +365,7 @@ impl DurableIndex {
             checkpointing: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             report,
+            _dir_lock: dir_lock,
         }
     }
 
@@ -515,10 +537,26 @@ impl Index {
 
 /// Whether `path` exists: `false` only for "not found"; any other error
 /// (permissions, I/O) is returned, not taken for absence.
-fn exists(storage: &dyn Storage, path: &Path) -> Result<bool> {
-    match storage.read(path) {
-        Ok(_) => Ok(true),
+/// Whether `dir` holds a snapshot file, from its listing (reading the file
+/// would cost as much as opening the index). A missing directory holds
+/// none; any other error is not "none" and is returned.
+fn holds_snapshot(storage: &dyn Storage, dir: &Path) -> Result<bool> {
+    match storage.list(dir) {
+        Ok(names) => Ok(names.iter().any(|n| n == SNAPSHOT_FILE)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(io_error("read", path, e)),
+        Err(e) => Err(io_error("list", dir, e)),
     }
+}
+
+/// Takes `dir`'s writer lock; a held lock is [`Error::DirectoryInUse`].
+fn lock_dir(storage: &dyn Storage, dir: &Path) -> Result<Box<dyn StorageLock>> {
+    storage.lock_dir(dir).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            Error::DirectoryInUse {
+                path: dir.display().to_string(),
+            }
+        } else {
+            io_error("lock", dir, e)
+        }
+    })
 }

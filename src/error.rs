@@ -85,6 +85,17 @@ pub enum Error {
         /// The OS error's message.
         message: String,
     },
+    /// Another [`DurableIndex`](crate::DurableIndex), in this process or
+    /// another, has the directory open; a durable directory has one writer
+    /// at a time.
+    #[error(
+        "{path} is in use by another DurableIndex (this process or another); \
+         close that one first, or open a different directory"
+    )]
+    DirectoryInUse {
+        /// The directory.
+        path: String,
+    },
     /// A file is not a valid index (damaged, truncated, from another format
     /// version or build, or crafted).
     #[cfg(not(loom))]

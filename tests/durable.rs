@@ -512,3 +512,107 @@ fn a_file_truncated_after_a_failed_write_takes_the_next_append_at_its_end() {
     assert_eq!(std::fs::read(&path).unwrap(), b"header--batch-two");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_second_writer_on_one_directory_is_refused_until_the_first_drops() {
+    let storage = SimStorage::new(11);
+    let first = DurableIndex::create("/db", params(), sim_options(&storage)).unwrap();
+    first.insert(1, &[1.0; DIM]).unwrap();
+    let second = DurableIndex::open("/db", sim_options(&storage));
+    assert!(
+        matches!(second, Err(Error::DirectoryInUse { ref path }) if path == "/db"),
+        "{second:?}"
+    );
+    let again = DurableIndex::create("/db", params(), sim_options(&storage));
+    assert!(
+        matches!(again, Err(Error::DirectoryInUse { .. })),
+        "{again:?}"
+    );
+    let either = DurableIndex::open_or_create("/db", params(), sim_options(&storage));
+    assert!(
+        matches!(either, Err(Error::DirectoryInUse { .. })),
+        "{either:?}"
+    );
+    // The refused opens changed nothing: the first writer goes on.
+    first.insert(2, &[2.0; DIM]).unwrap();
+    first.checkpoint().unwrap();
+    drop(first);
+    let reopened = DurableIndex::open("/db", sim_options(&storage)).unwrap();
+    assert_eq!(reopened.index().len(), 2);
+    // Another directory is another lock.
+    DurableIndex::create("/other", params(), sim_options(&storage)).unwrap();
+}
+
+#[test]
+fn a_crash_releases_the_lock_and_a_stale_guard_releases_nothing() {
+    let storage = SimStorage::new(12);
+    let before_crash = DurableIndex::create("/db", params(), sim_options(&storage)).unwrap();
+    before_crash.insert(1, &[1.0; DIM]).unwrap();
+    storage.crash();
+    let after_crash = DurableIndex::open("/db", sim_options(&storage)).unwrap();
+    assert_eq!(after_crash.index().len(), 1);
+    // The dead process's value goes away; the new holder keeps its lock.
+    drop(before_crash);
+    let third = DurableIndex::open("/db", sim_options(&storage));
+    assert!(
+        matches!(third, Err(Error::DirectoryInUse { .. })),
+        "{third:?}"
+    );
+}
+
+/// The child side of the cross-process lock test: opens the directory,
+/// prints `locked`, and holds it until killed.
+#[test]
+fn lock_holder_child() {
+    let Ok(dir) = std::env::var("NANN_LOCK_HOLDER_DIR") else {
+        return;
+    };
+    let _index = DurableIndex::open(&dir, DurableOptions::new(Durability::PerOp)).unwrap();
+    println!("locked");
+    std::thread::sleep(std::time::Duration::from_secs(600));
+}
+
+#[test]
+fn another_process_holding_the_directory_is_refused_and_its_death_frees_it() {
+    let dir = std::env::temp_dir().join(format!("nann-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = DurableOptions::new(Durability::PerOp);
+    {
+        let index = DurableIndex::create(&dir, params(), options.clone()).unwrap();
+        index.insert(1, &[1.0; DIM]).unwrap();
+        // In this process: a second open of the same directory.
+        let second = DurableIndex::open(&dir, options.clone());
+        assert!(
+            matches!(second, Err(Error::DirectoryInUse { .. })),
+            "{second:?}"
+        );
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "lock_holder_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("NANN_LOCK_HOLDER_DIR", &dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let locked = lines.any(|line| line.is_ok_and(|l| l.contains("locked")));
+    assert!(locked, "the child did not open the directory");
+    let refused = DurableIndex::open(&dir, options.clone());
+    assert!(
+        matches!(refused, Err(Error::DirectoryInUse { .. })),
+        "{refused:?}"
+    );
+    // kill -9: the OS releases the lock with the process.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let reopened = DurableIndex::open(&dir, options).unwrap();
+    assert_eq!(reopened.index().len(), 1);
+    drop(reopened);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -134,7 +134,7 @@ pub(crate) use io::error as io_error;
 pub use io::{SYNC_SNAPSHOT_DIR, SYNC_SNAPSHOT_FILE};
 pub use log::{Durability, SYNC_LOG_DIR, SYNC_LOG_FILE};
 pub use sim::SimStorage;
-pub use storage::{FsStorage, Storage, StorageFile};
+pub use storage::{FsStorage, Storage, StorageFile, StorageLock, LOCK_FILE};
 
 use std::path::Path;
 

@@ -24,13 +24,16 @@
 //! a machine that lost power would, until [`SimStorage::crash`] reboots.
 //! [`SimStorage::skip_sync`] turns one named fsync call site into a no-op
 //! (a "forgotten fsync" mutant for the crash tests to catch).
+//!
+//! Directory locks ([`Storage::lock_dir`]) live in memory, like the OS's:
+//! a crash releases them all, and a guard from before it releases nothing.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::storage::{Storage, StorageFile};
+use super::storage::{Storage, StorageFile, StorageLock};
 
 /// See the module docs.
 #[derive(Debug, Clone, Default)]
@@ -70,6 +73,9 @@ struct State {
     next_id: u64,
     /// Bumped by every crash: handles from before it stop working.
     boot: u64,
+    /// Locked directories, each with the token of its guard.
+    locks: HashMap<PathBuf, u64>,
+    next_lock: u64,
     calls: u64,
     fail_at: Option<(u64, i32)>,
     power_cut_at: Option<u64>,
@@ -143,6 +149,27 @@ impl SimFile {
             return Err(io::Error::other("file handle from before a crash"));
         }
         Ok(state)
+    }
+}
+
+/// A held [`Storage::lock_dir`] of a [`SimStorage`].
+#[derive(Debug)]
+struct SimLock {
+    state: Arc<Mutex<State>>,
+    dir: PathBuf,
+    token: u64,
+}
+
+impl StorageLock for SimLock {}
+
+impl Drop for SimLock {
+    fn drop(&mut self) {
+        let mut state = lock(&self.state);
+        // After a crash (or a crash and a new holder) this guard's lock is
+        // gone: release only our own.
+        if state.locks.get(&self.dir) == Some(&self.token) {
+            state.locks.remove(&self.dir);
+        }
     }
 }
 
@@ -221,7 +248,8 @@ impl SimStorage {
 
     /// Simulates a power loss and reboot: unsynced data is cut to a random
     /// prefix, a random subset of unsynced name changes survives, open
-    /// handles stop working, and injected faults are cleared.
+    /// handles stop working, directory locks are released, and injected
+    /// faults are cleared.
     pub fn crash(&self) {
         let mut state = lock(&self.state);
         let pending = std::mem::take(&mut state.pending);
@@ -253,6 +281,8 @@ impl SimStorage {
         state.durable_names = names.clone();
         state.names = names;
         state.boot += 1;
+        // The process that held them is gone.
+        state.locks.clear();
         state.fail_at = None;
         state.power_cut_at = None;
     }
@@ -365,5 +395,28 @@ impl Storage for SimStorage {
             at = d.parent();
         }
         Ok(())
+    }
+
+    fn lock_dir(&self, dir: &Path) -> io::Result<Box<dyn StorageLock>> {
+        // Not a counted call: a lock holds no data, so faults and power
+        // cuts are injected into the writes it guards, not into it.
+        let mut state = lock(&self.state);
+        if !state.dirs.contains(dir) {
+            return Err(not_found(dir));
+        }
+        if state.locks.contains_key(dir) {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} is locked by another writer", dir.display()),
+            ));
+        }
+        let token = state.next_lock;
+        state.next_lock += 1;
+        state.locks.insert(dir.to_path_buf(), token);
+        Ok(Box::new(SimLock {
+            state: Arc::clone(&self.state),
+            dir: dir.to_path_buf(),
+            token,
+        }))
     }
 }

@@ -19,6 +19,10 @@
 //! Every `sync` names its call site (`what`), so an error says which step
 //! failed and a test can remove one specific fsync to show that a crash test
 //! notices (see `tests/durable.rs`).
+//!
+//! [`Storage::lock_dir`] keeps a second writer out of a directory: a
+//! [`DurableIndex`](crate::DurableIndex) holds it for its whole life, so two
+//! of them (in one process or two) cannot delete each other's logs.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -34,6 +38,15 @@ pub trait StorageFile: Send {
     /// Cuts the file to `len` bytes (used to drop a batch whose write failed).
     fn truncate(&mut self, len: u64) -> io::Result<()>;
 }
+
+/// Name of the lock file [`FsStorage::lock_dir`] keeps in a directory it
+/// locks. It holds no data: the lock is the OS's advisory lock on it, and a
+/// leftover file from a crashed process locks nothing.
+pub const LOCK_FILE: &str = "nann.lock";
+
+/// A directory's exclusive writer lock: held while this value lives,
+/// released when it drops (and by the OS when the process dies).
+pub trait StorageLock: Send + Sync + std::fmt::Debug {}
 
 /// A place to keep files: a directory on disk or a simulation of one.
 ///
@@ -56,11 +69,23 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Creates `dir` (and its parents) if missing.
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Takes `dir`'s exclusive writer lock without waiting, or fails with
+    /// [`io::ErrorKind::WouldBlock`] while another holder (a second lock
+    /// taken in this process counts as another) has it. `dir` must exist.
+    fn lock_dir(&self, dir: &Path) -> io::Result<Box<dyn StorageLock>>;
 }
 
 /// The real file system (`std::fs`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FsStorage;
+
+/// The open lock file; closing it releases the OS lock.
+#[derive(Debug)]
+struct FsLock {
+    _file: File,
+}
+
+impl StorageLock for FsLock {}
 
 struct FsFile(File);
 
@@ -121,5 +146,28 @@ impl Storage for FsStorage {
     }
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         fs::create_dir_all(dir)
+    }
+    fn lock_dir(&self, dir: &Path) -> io::Result<Box<dyn StorageLock>> {
+        // `File::try_lock` is `flock(LOCK_EX | LOCK_NB)` on Unix and
+        // `LockFileEx` on Windows: it belongs to this open file, so a second
+        // open of the same path (another DurableIndex, in this process or
+        // another) is refused, and the OS drops it when the process dies.
+        // The file is never truncated or removed: removing it while locked
+        // would let a second writer lock a new file of the same name.
+        let path = dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Box::new(FsLock { _file: file })),
+            Err(fs::TryLockError::WouldBlock) => Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} is locked by another writer", path.display()),
+            )),
+            Err(fs::TryLockError::Error(e)) => Err(e),
+        }
     }
 }
