@@ -144,8 +144,6 @@ pub struct ReplayReport {
 #[derive(Debug)]
 pub struct DurableIndex {
     index: Index,
-    dir: PathBuf,
-    storage: Arc<dyn Storage>,
     log: LogWriter,
     /// Log generations older than the current one (deleted by checkpoint).
     old_generations: Mutex<Vec<u64>>,
@@ -157,9 +155,38 @@ pub struct DurableIndex {
     checkpointing: Mutex<()>,
     stripes: Vec<Mutex<()>>,
     report: ReplayReport,
-    /// The directory's writer lock, held for this value's life. Declared
-    /// last so it drops last, after the log file is closed.
-    _dir_lock: Box<dyn StorageLock>,
+    /// Declared last so its lock is released last, after the log file is
+    /// closed.
+    dir: HeldDir,
+}
+
+/// A directory whose writer lock is held: the one a [`DurableIndex`] owns.
+#[derive(Debug)]
+struct HeldDir {
+    path: PathBuf,
+    storage: Arc<dyn Storage>,
+    /// Held for this value's life; dropping it releases the lock.
+    _lock: Box<dyn StorageLock>,
+}
+
+impl HeldDir {
+    /// Takes `path`'s writer lock; a held lock is [`Error::DirectoryInUse`].
+    fn lock(storage: Arc<dyn Storage>, path: PathBuf) -> Result<Self> {
+        let lock = storage.lock_dir(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                Error::DirectoryInUse {
+                    path: path.display().to_string(),
+                }
+            } else {
+                io_error("lock", &path, e)
+            }
+        })?;
+        Ok(Self {
+            path,
+            storage,
+            _lock: lock,
+        })
+    }
 }
 
 impl DurableIndex {
@@ -181,7 +208,7 @@ impl DurableIndex {
                 .sync_dir(parent, SYNC_LOG_DIR)
                 .map_err(|e| io_error("fsync directory", parent, e))?;
         }
-        let dir_lock = lock_dir(storage.as_ref(), &dir)?;
+        let held = HeldDir::lock(Arc::clone(&storage), dir.clone())?;
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         // Never replace what is there: an index, or logs whose snapshot is
         // missing.
@@ -204,13 +231,11 @@ impl DurableIndex {
         let log = LogWriter::new(file, path, len, 1, options.durability);
         Ok(Self::assemble(
             index,
-            dir,
-            storage,
+            held,
             log,
             1,
             Vec::new(),
             ReplayReport::default(),
-            dir_lock,
         ))
     }
 
@@ -230,7 +255,7 @@ impl DurableIndex {
                 std::io::Error::from(std::io::ErrorKind::NotFound),
             ));
         }
-        let dir_lock = lock_dir(storage.as_ref(), &dir)?;
+        let held = HeldDir::lock(Arc::clone(&storage), dir.clone())?;
         let bytes = storage
             .read(&snapshot_path)
             .map_err(|e| io_error("read", &snapshot_path, e))?;
@@ -319,13 +344,11 @@ impl DurableIndex {
         let log = LogWriter::new(file, path, len, next_lsn, options.durability);
         Ok(Self::assemble(
             index,
-            dir,
-            storage,
+            held,
             log,
             generation,
             generations,
             report,
-            dir_lock,
         ))
     }
 
@@ -346,18 +369,14 @@ impl DurableIndex {
 
     fn assemble(
         index: Index,
-        dir: PathBuf,
-        storage: Arc<dyn Storage>,
+        dir: HeldDir,
         log: LogWriter,
         generation: u64,
         old_generations: Vec<u64>,
         report: ReplayReport,
-        dir_lock: Box<dyn StorageLock>,
     ) -> Self {
         Self {
             index,
-            dir,
-            storage,
             log,
             old_generations: Mutex::new(old_generations),
             generation: Mutex::new(generation),
@@ -365,7 +384,7 @@ impl DurableIndex {
             checkpointing: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             report,
-            _dir_lock: dir_lock,
+            dir,
         }
     }
 
@@ -497,7 +516,7 @@ impl DurableIndex {
     /// stay valid, and the index is unchanged.
     pub fn checkpoint(&self) -> Result<()> {
         let _one_at_a_time = self.checkpointing.lock();
-        let snapshot_path = self.dir.join(SNAPSHOT_FILE);
+        let snapshot_path = self.dir.path.join(SNAPSHOT_FILE);
         let (snapshot, retired) = {
             let _quiescent = self.gate.write();
             let lsn = self.log.last_lsn();
@@ -505,21 +524,26 @@ impl DurableIndex {
             let mut generation = self.generation.lock();
             let next = *generation + 1;
             let (dim, payload_len) = self.index.log_shape();
-            let (file, path, len) =
-                create_log_file(self.storage.as_ref(), &self.dir, dim, payload_len, next)?;
+            let (file, path, len) = create_log_file(
+                self.dir.storage.as_ref(),
+                &self.dir.path,
+                dim,
+                payload_len,
+                next,
+            )?;
             self.log.rotate(file, path, len);
             let mut old = self.old_generations.lock();
             old.push(*generation);
             *generation = next;
             (snapshot, old.clone())
         };
-        snapshot.write(self.storage.as_ref(), &snapshot_path)?;
+        snapshot.write(self.dir.storage.as_ref(), &snapshot_path)?;
         // The new snapshot is durable: the older logs are redundant. A
         // failed removal only leaves a file that replay skips.
         let mut old = self.old_generations.lock();
         for generation in retired {
-            let path = self.dir.join(log_file_name(generation));
-            if self.storage.remove(&path).is_ok() {
+            let path = self.dir.path.join(log_file_name(generation));
+            if self.dir.storage.remove(&path).is_ok() {
                 old.retain(|&g| g != generation);
             }
         }
@@ -546,17 +570,4 @@ fn holds_snapshot(storage: &dyn Storage, dir: &Path) -> Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(io_error("list", dir, e)),
     }
-}
-
-/// Takes `dir`'s writer lock; a held lock is [`Error::DirectoryInUse`].
-fn lock_dir(storage: &dyn Storage, dir: &Path) -> Result<Box<dyn StorageLock>> {
-    storage.lock_dir(dir).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::WouldBlock {
-            Error::DirectoryInUse {
-                path: dir.display().to_string(),
-            }
-        } else {
-            io_error("lock", dir, e)
-        }
-    })
 }
