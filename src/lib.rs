@@ -89,6 +89,8 @@ mod lock;
 #[cfg(loom)]
 #[doc(hidden)]
 pub mod model_hooks;
+#[cfg(all(any(feature = "bar", feature = "tar"), not(loom)))]
+mod model_size;
 mod parallel;
 mod params;
 #[cfg(not(loom))]
@@ -112,6 +114,8 @@ pub use error::{Error, InvariantViolation, Result};
 pub use index::{Hit, Index, MemoryUsage, Stats};
 pub use insert::Progress;
 pub use lock::{EntryLock, ReadVersion};
+#[cfg(all(any(feature = "bar", feature = "tar"), not(loom)))]
+pub use model_size::MAX_MODEL_PARAMETERS;
 pub use params::IndexParams;
 #[cfg(not(loom))]
 pub use persist::{Durability, FileInfo, FormatError};

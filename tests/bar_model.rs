@@ -584,3 +584,26 @@ fn throughput() {
         println!("  score_into, batch {batch}, sequence 50: {rate:.0} candidates/s");
     }
 }
+
+#[test]
+fn dimensions_too_large_to_allocate_are_a_config_error_not_an_abort() {
+    // Each dimension is in range (<= 2^24); the head's [h, 3d] layer alone
+    // is 3 * 2^32 weights, 48 GiB: allocating it would abort the process.
+    let config = BarConfig {
+        d_model: 1 << 16,
+        head_hidden: 1 << 16,
+        ..BarConfig::default()
+    };
+    let refused = config.validate();
+    assert!(
+        matches!(refused, Err(ModelError::Config { ref message, .. }) if message.contains("MAX_MODEL_PARAMETERS")),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        BarModel::random(config, 1),
+        Err(ModelError::Config { .. })
+    ));
+    // The default model is far below the limit.
+    let model = BarModel::random(BarConfig::default(), 1).unwrap();
+    assert!(model.parameter_count() * 1000 <= nann::MAX_MODEL_PARAMETERS * 2);
+}

@@ -934,3 +934,25 @@ mod train {
         );
     }
 }
+
+#[test]
+fn dimensions_too_large_to_allocate_are_a_config_error_not_an_abort() {
+    // Every field in its range, but 64 blocks of width 4096 with a 16384
+    // MLP are ~12.9G weights (51 GiB); allocating them would abort.
+    let config = DtConfig {
+        d_model: 4096,
+        heads: 8,
+        blocks: 64,
+        mlp: 16_384,
+        ..DtConfig::default()
+    };
+    let refused = config.validate();
+    assert!(
+        matches!(refused, Err(TarError::Config { ref message, .. }) if message.contains("MAX_MODEL_PARAMETERS")),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        DtModel::random(config, 1),
+        Err(TarError::Config { .. })
+    ));
+}

@@ -1325,3 +1325,24 @@ fn generate_latency() {
     teacher.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!("teacher_forced: min {:.3} ms", teacher[0]);
 }
+
+#[test]
+fn dimensions_too_large_to_allocate_are_a_config_error_not_an_abort() {
+    // Every field in its range, but 64 blocks of width 4096 are ~4.3G
+    // weights (17 GiB); allocating them would abort the process.
+    let config = TarConfig {
+        d_model: 4096,
+        heads: 8,
+        blocks: 64,
+        ..TarConfig::default()
+    };
+    let refused = config.validate();
+    assert!(
+        matches!(refused, Err(TarError::Config { ref message, .. }) if message.contains("MAX_MODEL_PARAMETERS")),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        TarModel::random(config, 1),
+        Err(TarError::Config { .. })
+    ));
+}

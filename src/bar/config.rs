@@ -94,7 +94,8 @@ impl BarConfig {
         self.ad_tokens() * 4
     }
 
-    /// Every dimension positive and every range finite and positive.
+    /// Every dimension positive, every range finite and positive, and the
+    /// weights they ask for at most [`MAX_MODEL_PARAMETERS`](crate::MAX_MODEL_PARAMETERS).
     pub fn validate(&self) -> Result<(), ModelError> {
         let positive = [
             ("emb_dim", self.emb_dim),
@@ -148,6 +149,18 @@ impl BarConfig {
                     format!("{value} is not finite and positive"),
                 ));
             }
+        }
+        let shapes = super::model::tensor_shapes(self)?;
+        if crate::model_size::checked_parameter_count(shapes.iter().map(|(_, s)| s.as_slice()))
+            .is_none()
+        {
+            return Err(config_error(
+                "dimensions",
+                format!(
+                    "the dimensions ask for more than {} weights (nann::MAX_MODEL_PARAMETERS)",
+                    crate::model_size::MAX_MODEL_PARAMETERS
+                ),
+            ));
         }
         Ok(())
     }

@@ -160,6 +160,12 @@ fn layer_shapes(c: &BarConfig) -> Result<[(usize, usize); 20], ModelError> {
 /// [`BarModel::tensors`].
 fn tensor_specs(c: &BarConfig) -> Result<Vec<(String, Vec<usize>)>, ModelError> {
     c.validate()?;
+    tensor_shapes(c)
+}
+
+/// The tensors' names and shapes under `c`, without validating `c` (its
+/// dimensions must be positive; products are checked).
+pub(crate) fn tensor_shapes(c: &BarConfig) -> Result<Vec<(String, Vec<usize>)>, ModelError> {
     let mut specs = Vec::new();
     for (i, &vocab) in c.user_field_vocab.iter().enumerate() {
         specs.push((format!("emb.user.{i}"), vec![vocab, c.emb_dim]));

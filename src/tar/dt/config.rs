@@ -59,8 +59,9 @@ impl DtConfig {
         3 * self.context
     }
 
-    /// Checks that the dimensions make a model (and stay small enough that
-    /// no size computation overflows).
+    /// Checks that the dimensions make a model of at most
+    /// [`MAX_MODEL_PARAMETERS`](crate::MAX_MODEL_PARAMETERS) weights (and
+    /// stay small enough that no size computation overflows).
     pub fn validate(&self) -> Result<(), TarError> {
         let bad = |field: &'static str, message: String| Err(TarError::Config { field, message });
         if self.state_features != STATE_FEATURES {
@@ -98,6 +99,18 @@ impl DtConfig {
             return bad(
                 "max_steps",
                 format!("{} is not in 1..=100000", self.max_steps),
+            );
+        }
+        let shapes = self.tensor_shapes();
+        if crate::model_size::checked_parameter_count(shapes.iter().map(|(_, s)| s.as_slice()))
+            .is_none()
+        {
+            return bad(
+                "d_model",
+                format!(
+                    "the dimensions ask for more than {} weights (nann::MAX_MODEL_PARAMETERS)",
+                    crate::model_size::MAX_MODEL_PARAMETERS
+                ),
             );
         }
         Ok(())

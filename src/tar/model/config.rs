@@ -110,7 +110,8 @@ impl TarConfig {
         }
     }
 
-    /// Checks that the dimensions make a model.
+    /// Checks that the dimensions make a model of at most
+    /// [`MAX_MODEL_PARAMETERS`](crate::MAX_MODEL_PARAMETERS) weights.
     pub fn validate(&self) -> Result<(), TarError> {
         let bad = |field: &'static str, message: String| Err(TarError::Config { field, message });
         if self.step_features != STEP_FEATURES {
@@ -162,6 +163,18 @@ impl TarConfig {
             return bad(
                 "attr_tokens",
                 format!("{} is not in 1..=64", self.attr_tokens),
+            );
+        }
+        let shapes = self.tensor_shapes();
+        if crate::model_size::checked_parameter_count(shapes.iter().map(|(_, s)| s.as_slice()))
+            .is_none()
+        {
+            return bad(
+                "d_model",
+                format!(
+                    "the dimensions ask for more than {} weights (nann::MAX_MODEL_PARAMETERS)",
+                    crate::model_size::MAX_MODEL_PARAMETERS
+                ),
             );
         }
         Ok(())
