@@ -119,7 +119,14 @@ pub struct ReplayReport {
     pub torn_tails: u64,
 }
 
-/// An [`Index`] with an update log: see the module docs.
+/// An [`Index`] with an update log: every write is durable when it returns.
+///
+/// Writes are logged before they are applied ([`Durability`] says when a
+/// record is durable); [`open`](Self::open) replays the logs over the last
+/// snapshot up to a crash's torn tail; [`checkpoint`](Self::checkpoint)
+/// writes a new snapshot and retires the logs. The directory is locked for
+/// the value's life: a second `DurableIndex` on it is
+/// [`Error::DirectoryInUse`].
 ///
 /// Search through [`index`](Self::index); write only through this type (a
 /// write made on the inner index directly is not logged and is lost on
@@ -134,7 +141,10 @@ pub struct ReplayReport {
 ///     let index = DurableIndex::create(&dir, IndexParams::new(2, Metric::L2), options.clone())?;
 ///     index.insert(1, &[0.0, 1.0])?; // durable when it returns
 ///     index.update(1, &[2.0, 3.0])?;
-/// } // no save: the log has it
+///     // One writer per directory, in this process or another.
+///     let second = DurableIndex::open(&dir, options.clone());
+///     assert!(matches!(second, Err(nann::Error::DirectoryInUse { .. })));
+/// } // no save: the log has it (and dropping the index frees the directory)
 /// let reopened = DurableIndex::open(&dir, options)?;
 /// assert_eq!(reopened.index().get(1)?, vec![2.0, 3.0]);
 /// assert_eq!(reopened.replay_report().applied, 2);

@@ -3,6 +3,33 @@
 //! to act on it.
 
 /// Everything an index operation can fail with.
+///
+/// Each variant carries what a caller needs to act on it, so match on the
+/// ones you can handle and pass the rest up:
+///
+/// ```
+/// use nann::{Error, Index, IndexParams, Metric};
+/// let index = Index::new(IndexParams::new(2, Metric::L2))?;
+/// index.insert(7, &[0.0, 1.0])?;
+/// match index.insert(8, &[1.0, 2.0, 3.0]) {
+///     Err(Error::DimensionMismatch { expected, actual }) => {
+///         assert_eq!((expected, actual), (2, 3));
+///     }
+///     other => panic!("expected a dimension error, got {other:?}"),
+/// }
+/// // Upsert: update when the key is taken, insert when it is not.
+/// let upsert = |key: u64, v: &[f32]| match index.update(key, v) {
+///     Err(Error::KeyNotFound(_)) => index.insert(key, v),
+///     done => done,
+/// };
+/// upsert(7, &[5.0, 5.0])?;
+/// upsert(9, &[6.0, 6.0])?;
+/// assert_eq!(index.len(), 2);
+/// // Every error reads as a sentence a user can act on.
+/// let message = index.remove(42).unwrap_err().to_string();
+/// assert!(message.contains("42"), "{message}");
+/// # Ok::<(), Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

@@ -77,6 +77,24 @@ impl Metric {
 }
 
 /// An instruction-set level for the distance kernels.
+///
+/// An index picks [`Isa::detect`] unless [`IndexParams::isa`](crate::IndexParams::isa)
+/// names one, e.g. to compare kernels or to pin results across machines.
+/// Asking for a level the CPU lacks is an error, not a crash.
+///
+/// ```
+/// use nann::{Distance, Index, IndexParams, Isa, Metric};
+/// let best = Isa::detect();
+/// assert!(best.is_supported() && Isa::Scalar.is_supported());
+/// assert!(Isa::all_supported().contains(&best));
+/// let mut params = IndexParams::new(4, Metric::L2);
+/// params.isa = Some(Isa::Scalar);
+/// let portable = Index::new(params)?;
+/// portable.insert(1, &[1.0, 2.0, 3.0, 4.0])?;
+/// let d = Distance::with_isa(Metric::L2, best)?;
+/// assert_eq!(d.isa(), best);
+/// # Ok::<(), nann::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Isa {
     /// Portable Rust, no explicit SIMD.

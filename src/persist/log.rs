@@ -74,6 +74,31 @@ pub const SYNC_LOG_FILE: &str = "log file";
 pub const SYNC_LOG_DIR: &str = "log directory";
 
 /// When an operation's log record must be durable.
+///
+/// Both return from a write only once it is durable; they differ in how
+/// many writes share an fsync. `PerOp` flushes at once (writers that arrive
+/// together still share one); `GroupCommit` waits up to its window for
+/// more, trading each write's latency for fewer fsyncs under load.
+///
+/// ```
+/// use std::time::Duration;
+/// use nann::{Durability, DurableIndex, DurableOptions, IndexParams, Metric};
+/// let dir = std::env::temp_dir().join(format!("nann-doc-group-{}", std::process::id()));
+/// # let _ = std::fs::remove_dir_all(&dir);
+/// let options = DurableOptions::new(Durability::GroupCommit(Duration::from_millis(2)));
+/// let index = DurableIndex::create(&dir, IndexParams::new(2, Metric::L2), options)?;
+/// std::thread::scope(|s| {
+///     for t in 0..4u64 {
+///         let index = &index;
+///         // The four writers' records share fsyncs.
+///         s.spawn(move || index.insert(t, &[t as f32, 0.0]).unwrap());
+///     }
+/// });
+/// assert_eq!(index.index().len(), 4);
+/// # drop(index);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), nann::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// Flush and fsync as soon as the operation is logged (concurrent

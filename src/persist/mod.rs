@@ -26,6 +26,29 @@
 //!             └────────────────────────────────────────────────┘
 //! ```
 //!
+//! # Storage backends
+//!
+//! Every byte goes through a [`Storage`]: [`FsStorage`] is the disk, and
+//! [`SimStorage`] keeps files in memory and can simulate a power loss, so
+//! a test can check what survives one:
+//!
+//! ```
+//! use std::path::Path;
+//! use nann::persist::SimStorage;
+//! use nann::{Index, IndexParams, Metric};
+//! let storage = SimStorage::new(42);
+//! let index = Index::new(IndexParams::new(2, Metric::L2))?;
+//! index.insert(1, &[0.5, 0.5])?;
+//! let path = Path::new("/data/index.nann");
+//! # use nann::persist::Storage;
+//! # storage.create_dir_all(Path::new("/data")).unwrap();
+//! index.save_to(&storage, path)?; // temp file, fsync, rename, directory fsync
+//! storage.crash(); // everything not fsynced is lost
+//! let reopened = Index::open_from(&storage, path)?;
+//! assert_eq!(reopened.get(1)?, vec![0.5, 0.5]);
+//! # Ok::<(), nann::Error>(())
+//! ```
+//!
 //! A saved file holds exactly one vector per slot (cell ids are renumbered to
 //! slot ids), so the garbage cells of past updates are never written.
 //!
@@ -158,6 +181,15 @@ use format::{
 pub(crate) use format::{Header, RkyvFormat, SectionKind};
 
 /// Why a file is not a valid index.
+///
+/// Opening never trusts a file: a damaged or hostile one is one of these,
+/// wrapped in [`Error::Format`], never a panic.
+///
+/// ```
+/// use nann::{Error, FormatError, Index};
+/// let opened = Index::from_bytes(b"certainly not an index, but long enough to have a header ......................................................................................................");
+/// assert!(matches!(opened, Err(Error::Format(FormatError::NotAnIndex))), "{opened:?}");
+/// ```
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FormatError {
