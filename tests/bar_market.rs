@@ -731,3 +731,22 @@ fn buckets_clamp_their_ends_and_take_any_count() {
     assert_eq!(log_bucket(1e30, 6.0, 0), 0);
     assert_eq!(log_bucket(1e30, 6.0, 20), 19);
 }
+
+#[test]
+fn sizes_too_large_to_allocate_are_a_config_error_not_an_abort() {
+    // Every field in its range, but a billion users of 4096-dim latents
+    // are 2^42 floats: allocating them would abort the process.
+    let config = MarketConfig {
+        users: 1 << 30,
+        latent_dim: 4096,
+        ..MarketConfig::default()
+    };
+    let refused = Market::generate(&config);
+    assert!(
+        matches!(refused, Err(ModelError::Config { ref key, .. }) if key == "market.users"),
+        "{:?}",
+        refused.err()
+    );
+    // The default market is far below the limit.
+    assert!(MarketConfig::default().validate().is_ok());
+}

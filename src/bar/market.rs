@@ -370,9 +370,38 @@ impl MarketConfig {
                 format!("{} is not in [0, 1)", self.spend_correlation),
             ));
         }
+        // Each field is in range on its own, but their products can still
+        // ask for terabytes, and an allocation that large aborts instead of
+        // failing. Bound the 4-byte words `generate` allocates: the latent
+        // tables of categories, items, ads and users, and the users'
+        // behaviour sequences (item and category ids).
+        let words = [
+            (self.cates + 1, self.latent_dim),
+            (self.items + 1, self.latent_dim),
+            (self.ads, self.latent_dim),
+            (self.users, self.latent_dim),
+            (self.users, 2 * self.max_seq_len),
+        ]
+        .iter()
+        .try_fold(0usize, |acc, &(n, width)| {
+            acc.checked_add(n.checked_mul(width)?)
+        });
+        if words.is_none_or(|w| w > MAX_MARKET_WORDS) {
+            return Err(market_error(
+                "users",
+                format!(
+                    "the sizes ask for more than {MAX_MARKET_WORDS} words (16 GiB) of tables \
+                     and sequences; shrink users, ads, items, latent_dim or max_seq_len"
+                ),
+            ));
+        }
         Ok(())
     }
 }
+
+/// The most 4-byte words a market's tables and sequences may take: 2^32
+/// (16 GiB) on 64-bit targets, `usize::MAX` on narrower ones.
+pub const MAX_MARKET_WORDS: usize = (u32::MAX as usize).saturating_add(1);
 
 fn market_error(key: &str, message: String) -> ModelError {
     ModelError::Config {
