@@ -412,3 +412,32 @@ fn extreme_configs_are_typed_errors_or_run_never_panics() {
     assert_eq!(observed, 0, "a 1e300-hour delay revealed a conversion");
     assert!(real > 0);
 }
+
+#[test]
+fn sizes_too_large_to_allocate_are_a_config_error_not_an_abort() {
+    // 2^27 advertisers pass the per-field checks, but their pValue curves
+    // alone (advertisers x ticks f64, twice) would be 100 GiB: abort.
+    let mut config = SimConfig::sparse();
+    config.categories = 8;
+    config.per_category = 1 << 24;
+    let refused = run_episode(&config, 0, &mut ConstantPolicy::default());
+    assert!(
+        matches!(
+            refused,
+            Err(SimError::Config {
+                field: "per_category",
+                ..
+            })
+        ),
+        "{:?}",
+        refused.err()
+    );
+    // Every preset is far below the limits.
+    for preset in [
+        SimConfig::sparse(),
+        SimConfig::delayed(),
+        SimConfig::recurring(),
+    ] {
+        assert!(preset.validate().is_ok());
+    }
+}

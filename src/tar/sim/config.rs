@@ -276,6 +276,24 @@ impl SimConfig {
                 format!("{} is not in 1..=1e8", self.pvs_per_day),
             );
         }
+        // In range one by one, the sizes can still multiply past memory,
+        // and an allocation that large aborts instead of failing. A tick
+        // holds every advertiser's pValue of each of its PVs (a tick's
+        // traffic is at most 4x the mean: the profile's peak over its mean,
+        // 1.7, times the traffic level's 1.4 / 0.6); a day keeps a record
+        // per advertiser and tick.
+        let n_adv = self.advertisers();
+        let tick_pvs = 4 * self.pvs_per_day / self.ticks + 1;
+        if n_adv.saturating_mul(tick_pvs) > 1 << 30 || n_adv.saturating_mul(self.ticks) > 1 << 26 {
+            return bad(
+                "per_category",
+                format!(
+                    "{n_adv} advertisers x {tick_pvs} PVs a tick or x {} ticks exceed 2^30 / \
+                     2^26 entries a tick / a day; use fewer advertisers, PVs or ticks",
+                    self.ticks
+                ),
+            );
+        }
         if !(finite_pos(self.base_pvalue) && self.base_pvalue <= 0.2) {
             return bad(
                 "base_pvalue",
