@@ -302,7 +302,7 @@ impl Storage for SimStorage {
     fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
         let mut state = lock(&self.state);
         state.check()?;
-        if state.names.contains_key(path) {
+        if state.names.contains_key(path) || state.dirs.contains(path) {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!("{} exists", path.display()),
@@ -389,6 +389,13 @@ impl Storage for SimStorage {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         // Directories are durable at once: the crash model is about files.
         let mut state = lock(&self.state);
+        // As on a disk, a file's name cannot become a directory.
+        if let Some(file) = dir.ancestors().find(|d| state.names.contains_key(*d)) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} is a file", file.display()),
+            ));
+        }
         let mut at = Some(dir);
         while let Some(d) = at {
             state.dirs.insert(d.to_path_buf());

@@ -20,6 +20,10 @@
 //! failed and a test can remove one specific fsync to show that a crash test
 //! notices (see `tests/durable.rs`).
 //!
+//! The contract is checked by one conformance suite written against
+//! `&dyn Storage` (`tests/storage_conformance.rs`), run on every backend:
+//! a new backend adds one test there.
+//!
 //! [`Storage::lock_dir`] keeps a second writer out of a directory: a
 //! [`DurableIndex`](crate::DurableIndex) holds it for its whole life, so two
 //! of them (in one process or two) cannot delete each other's logs.
@@ -65,7 +69,8 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Makes the name changes in `dir` durable (`fsync` of the directory).
     fn sync_dir(&self, dir: &Path, what: &'static str) -> io::Result<()>;
-    /// The names of the files directly in `dir`.
+    /// The names of the files directly in `dir` (not its subdirectories; a
+    /// backend's lock may add [`LOCK_FILE`]).
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Creates `dir` (and its parents) if missing.
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
@@ -140,7 +145,13 @@ impl Storage for FsStorage {
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         let mut names = Vec::new();
         for entry in fs::read_dir(dir)? {
-            names.push(entry?.file_name().to_string_lossy().into_owned());
+            let entry = entry?;
+            // Files only, as the contract says (and `SimStorage` does): a
+            // subdirectory is not something to replay or remove.
+            if entry.file_type()?.is_dir() {
+                continue;
+            }
+            names.push(entry.file_name().to_string_lossy().into_owned());
         }
         Ok(names)
     }
