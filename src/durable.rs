@@ -73,6 +73,7 @@ use crate::persist::log::{
     LogOp, LogOpRef, LogWriter, SYNC_LOG_DIR,
 };
 use crate::persist::{io_error, Durability, FileInfo, FsStorage, Storage, StorageLock};
+use crate::update::Upserted;
 
 /// Name of the snapshot file in a durable index's directory.
 pub const SNAPSHOT_FILE: &str = "index.nann";
@@ -433,6 +434,70 @@ impl DurableIndex {
         let lsn = self.log.append(op)?;
         self.log.wait_durable(lsn)?;
         apply()
+    }
+
+    /// [`Index::upsert`], durable when it returns: logged as the insert or
+    /// the update it turned out to be (the key's stripe lock keeps the
+    /// choice valid until it is applied).
+    ///
+    /// ```
+    /// use nann::{DurableIndex, DurableOptions, Durability, IndexParams, Metric, Upserted};
+    /// let dir = std::env::temp_dir().join(format!("nann-doc-upsert-{}", std::process::id()));
+    /// # let _ = std::fs::remove_dir_all(&dir);
+    /// let options = DurableOptions::new(Durability::PerOp);
+    /// let index = DurableIndex::create(&dir, IndexParams::new(1, Metric::L2), options.clone())?;
+    /// assert_eq!(index.upsert(3, &[1.0])?, Upserted::Inserted);
+    /// assert_eq!(index.upsert(3, &[2.0])?, Upserted::Updated);
+    /// drop(index);
+    /// assert_eq!(DurableIndex::open(&dir, options)?.index().get(3)?, vec![2.0]);
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn upsert(&self, key: u64, vector: &[f32]) -> Result<Upserted> {
+        self.upsert_inner(key, vector, None)
+    }
+
+    /// [`Index::upsert_with_payload`], durable when it returns (the payload
+    /// is logged with the vector).
+    pub fn upsert_with_payload(
+        &self,
+        key: u64,
+        vector: &[f32],
+        payload: &[u8],
+    ) -> Result<Upserted> {
+        self.upsert_inner(key, vector, Some(payload))
+    }
+
+    fn upsert_inner(&self, key: u64, vector: &[f32], payload: Option<&[u8]>) -> Result<Upserted> {
+        let _gate = self.gate.read();
+        // Every logged writer of `key` holds this stripe from validation to
+        // apply, so whether the key is present cannot change before ours
+        // is applied.
+        let _stripe = self.stripe(key).lock();
+        if let Some(p) = payload {
+            self.index.check_payload(p)?;
+        }
+        self.index.prepare(vector)?;
+        let present = self.index.contains(key);
+        let op = match (present, payload) {
+            (false, None) => LogOpRef::Insert(key, vector),
+            (false, Some(p)) => LogOpRef::InsertWithPayload(key, vector, p),
+            (true, None) => LogOpRef::Update(key, vector),
+            (true, Some(p)) => LogOpRef::UpdateWithPayload(key, vector, p),
+        };
+        let lsn = self.log.append(op)?;
+        self.log.wait_durable(lsn)?;
+        match (present, payload) {
+            (false, None) => self.index.insert(key, vector)?,
+            (false, Some(p)) => self.index.insert_with_payload(key, vector, p)?,
+            (true, None) => self.index.update(key, vector)?,
+            (true, Some(p)) => self.index.update_with_payload(key, vector, p)?,
+        }
+        Ok(if present {
+            Upserted::Updated
+        } else {
+            Upserted::Inserted
+        })
     }
 
     /// [`Index::insert`] (a zero payload, if the index stores payloads),

@@ -111,10 +111,17 @@ impl Index {
         if self.slot_of(key).is_some() {
             return Err(Error::DuplicateKey(key));
         }
+        self.insert_locked(key, &vector, payload)
+    }
+
+    /// Inserts the absent `key` with its prepared `vector` and checked
+    /// `payload`. The caller holds `key`'s op lock and the writer gate
+    /// (shared), and has seen `key` absent under them.
+    pub(crate) fn insert_locked(&self, key: u64, vector: &[f32], payload: &[u8]) -> Result<()> {
         let cell = self
             .graph
             .vectors
-            .allocate_with_payload(key, &vector, payload)?;
+            .allocate_with_payload(key, vector, payload)?;
         let guard = self.pin();
         let reused = self.free_slots.lock().pop();
         match reused {

@@ -121,3 +121,4 @@ pub use params::IndexParams;
 pub use persist::{Durability, FileInfo, FormatError};
 pub use scorer::{CandidateBatch, MetricScorer, Scorer};
 pub use search::SearchStats;
+pub use update::Upserted;

@@ -33,6 +33,16 @@ use crossbeam_epoch::Guard;
 
 use crate::error::{Error, Result};
 use crate::graph::{NO_CELL, TOMBSTONE};
+
+/// What [`Index::upsert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Upserted {
+    /// The key was absent: a new entry.
+    Inserted,
+    /// The key was present: its vector (and payload, if given) replaced
+    /// in place.
+    Updated,
+}
 use crate::index::Index;
 use crate::insert::Pruned;
 use crate::sync::Ordering;
@@ -77,12 +87,83 @@ impl Index {
         self.update_inner(key, vector, Some(payload))
     }
 
+    /// Inserts `key` if it is absent, or updates it in place if it is
+    /// present, as one operation: no other writer of `key` comes between
+    /// the check and the write (a caller's `update`, then `insert` on
+    /// [`Error::KeyNotFound`], can lose to a concurrent insert of the same
+    /// key and fail with [`Error::DuplicateKey`]). An update keeps the
+    /// entry's payload; an insert stores zeros, as
+    /// [`insert`](Self::insert) does.
+    ///
+    /// ```
+    /// use nann::{Index, IndexParams, Metric, Upserted};
+    /// let index = Index::new(IndexParams::new(2, Metric::L2))?;
+    /// assert_eq!(index.upsert(7, &[0.0, 1.0])?, Upserted::Inserted);
+    /// assert_eq!(index.upsert(7, &[2.0, 3.0])?, Upserted::Updated);
+    /// assert_eq!(index.get(7)?, vec![2.0, 3.0]);
+    /// assert_eq!(index.len(), 1);
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn upsert(&self, key: u64, vector: &[f32]) -> Result<Upserted> {
+        self.upsert_inner(key, vector, None)
+    }
+
+    /// [`upsert`](Self::upsert) with a payload, which replaces the entry's
+    /// (update) or comes with it (insert).
+    ///
+    /// ```
+    /// use nann::{Index, IndexParams, Metric, Upserted};
+    /// let index = Index::new(IndexParams::new(1, Metric::L2).payload_len(2))?;
+    /// index.upsert_with_payload(1, &[1.0], &[1, 1])?;
+    /// assert_eq!(index.upsert_with_payload(1, &[2.0], &[2, 2])?, Upserted::Updated);
+    /// assert_eq!(index.get_with_payload(1)?, (vec![2.0], vec![2, 2]));
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn upsert_with_payload(
+        &self,
+        key: u64,
+        vector: &[f32],
+        payload: &[u8],
+    ) -> Result<Upserted> {
+        self.check_payload(payload)?;
+        self.upsert_inner(key, vector, Some(payload))
+    }
+
+    fn upsert_inner(&self, key: u64, vector: &[f32], payload: Option<&[u8]>) -> Result<Upserted> {
+        let vector = self.prepare(vector)?;
+        let _op = self.op_lock(key).lock();
+        let _gate = self.writer_gate.read();
+        match self.slot_of(key) {
+            Some(slot) => {
+                self.update_locked(key, slot, &vector, payload)?;
+                Ok(Upserted::Updated)
+            }
+            None => {
+                self.insert_locked(key, &vector, payload.unwrap_or(&[]))?;
+                Ok(Upserted::Inserted)
+            }
+        }
+    }
+
     /// `update`; `payload` `None` keeps the entry's current one.
     fn update_inner(&self, key: u64, vector: &[f32], payload: Option<&[u8]>) -> Result<()> {
         let vector = self.prepare(vector)?;
         let _op = self.op_lock(key).lock();
         let _gate = self.writer_gate.read();
         let slot = self.slot_of(key).ok_or(Error::KeyNotFound(key))?;
+        self.update_locked(key, slot, &vector, payload)
+    }
+
+    /// Updates `key`, which lives in `slot`, with its prepared `vector`;
+    /// `payload` `None` keeps the current one. The caller holds `key`'s op
+    /// lock and the writer gate (shared), under which it found `slot`.
+    fn update_locked(
+        &self,
+        key: u64,
+        slot: u32,
+        vector: &[f32],
+        payload: Option<&[u8]>,
+    ) -> Result<()> {
         // The current payload, when it is kept: the op lock held above
         // serialises writers of this key, so it cannot change before the
         // new cell is published.
@@ -106,7 +187,7 @@ impl Index {
         let late_key = crate::sync::mutant("update_key_after_publish");
         let cell = self.graph.vectors.allocate_with_payload(
             if late_key { u64::MAX } else { key },
-            &vector,
+            vector,
             payload,
         )?;
         let guard = self.pin();

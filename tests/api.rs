@@ -3,7 +3,7 @@
 #[path = "../examples/support/mod.rs"]
 mod support;
 
-use nann::{Error, Index, IndexParams, Metric};
+use nann::{Error, Index, IndexParams, Metric, Upserted};
 
 fn params(dim: usize) -> IndexParams {
     IndexParams::new(dim, Metric::L2)
@@ -294,4 +294,59 @@ fn any_k_and_ef_return_at_most_the_index_and_never_panic() {
         let batch = index.search_batch(&[q, q], k, ef, 2);
         assert_eq!(keys(batch[1].clone().unwrap()), want_k, "k {k} ef {ef}");
     }
+}
+
+#[test]
+fn upsert_inserts_absent_keys_and_updates_present_ones() {
+    let index = Index::new(IndexParams::new(2, Metric::L2).payload_len(2)).unwrap();
+    assert_eq!(index.upsert(1, &[1.0, 0.0]), Ok(Upserted::Inserted));
+    // A plain insert stores a zero payload, as `insert` does.
+    assert_eq!(index.get_payload(1).unwrap(), [0, 0]);
+    assert_eq!(
+        index.upsert_with_payload(1, &[2.0, 0.0], &[7, 7]),
+        Ok(Upserted::Updated)
+    );
+    // A plain update keeps the payload, as `update` does.
+    assert_eq!(index.upsert(1, &[3.0, 0.0]), Ok(Upserted::Updated));
+    assert_eq!(
+        index.get_with_payload(1).unwrap(),
+        (vec![3.0, 0.0], vec![7, 7])
+    );
+    assert_eq!(
+        index.upsert_with_payload(2, &[4.0, 0.0], &[9, 9]),
+        Ok(Upserted::Inserted)
+    );
+    assert_eq!(index.len(), 2);
+    assert_eq!(index.search(&[4.0, 0.0], 1, 16).unwrap()[0].key, 2);
+    // A removed key is absent again.
+    index.remove(1).unwrap();
+    assert_eq!(index.upsert(1, &[5.0, 0.0]), Ok(Upserted::Inserted));
+    // Bad input changes nothing, whether the key is present or not.
+    for key in [1, 3] {
+        assert!(matches!(
+            index.upsert(key, &[1.0]),
+            Err(Error::DimensionMismatch { .. })
+        ));
+        assert!(matches!(
+            index.upsert(key, &[f32::NAN, 0.0]),
+            Err(Error::NonFiniteValue { .. })
+        ));
+        assert!(matches!(
+            index.upsert_with_payload(key, &[1.0, 1.0], &[1]),
+            Err(Error::PayloadLength { .. })
+        ));
+    }
+    assert_eq!(index.get(1).unwrap(), [5.0, 0.0]);
+    assert!(!index.contains(3));
+    assert_eq!(index.len(), 3 - 1);
+    index.check_invariants().unwrap();
+}
+
+#[test]
+fn upsert_normalises_cosine_vectors_on_both_paths() {
+    let index = Index::new(IndexParams::new(2, Metric::Cosine)).unwrap();
+    index.upsert(1, &[3.0, 4.0]).unwrap();
+    assert_eq!(index.get(1).unwrap(), [0.6, 0.8]);
+    index.upsert(1, &[0.0, 2.0]).unwrap();
+    assert_eq!(index.get(1).unwrap(), [0.0, 1.0]);
 }

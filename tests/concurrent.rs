@@ -235,3 +235,44 @@ fn concurrent_writers_with_small_m_keep_the_graph_connected() {
     let graph = index.search(&q, 10, 10_000).unwrap();
     assert_eq!(exact, graph);
 }
+
+#[test]
+fn concurrent_upserts_and_removes_of_two_keys_never_fail() {
+    // Writers upsert two keys while another removes them, so each key
+    // flips between absent and present all the time. An upsert made of
+    // `update`, then `insert` on KeyNotFound, loses that race (another
+    // writer inserts between its two calls: DuplicateKey); `upsert` must
+    // never fail, and the index must stay sound.
+    let index = Arc::new(Index::new(IndexParams::new(DIM, Metric::L2).m(4)).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let remover = {
+        let (index, stop) = (Arc::clone(&index), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut key = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = index.remove(key % 2);
+                key += 1;
+            }
+        })
+    };
+    let writers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let index = Arc::clone(&index);
+            std::thread::spawn(move || {
+                for i in 0..20_000u64 {
+                    let key = (i + t) % 2;
+                    index
+                        .upsert(key, &vector(key, i))
+                        .unwrap_or_else(|e| panic!("upsert of {key} failed: {e}"));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    remover.join().unwrap();
+    assert!(index.len() <= 2);
+    index.check_invariants().unwrap();
+}

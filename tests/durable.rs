@@ -741,3 +741,42 @@ fn damaged_or_crafted_logs_replay_a_prefix_or_fail_typed_never_panic() {
         eprintln!("{opened} opened, {refused} refused");
     }
 }
+
+#[test]
+fn upserts_are_logged_as_what_they_did_and_replayed() {
+    let storage = SimStorage::new(31);
+    let index = DurableIndex::create("/db", params(), sim_options(&storage)).unwrap();
+    let mut model = Model::new();
+    let mut rng = Rng(31);
+    let mut inserted = 0;
+    for i in 0..200u64 {
+        let key = rng.next() % KEYS;
+        if i % 7 == 6 {
+            let _ = index.remove(key);
+            model.remove(&key);
+            continue;
+        }
+        let v = rng.vector();
+        let did = index.upsert(key, &v).unwrap();
+        assert_eq!(
+            did == nann::Upserted::Inserted,
+            !model.contains_key(&key),
+            "op {i}"
+        );
+        inserted += usize::from(did == nann::Upserted::Inserted);
+        model.insert(key, v);
+    }
+    assert!(
+        inserted > KEYS as usize,
+        "keys were removed and inserted again"
+    );
+    // Bad input is refused before it is logged.
+    let lsn = index.last_lsn();
+    assert!(index.upsert(1, &[1.0]).is_err());
+    assert_eq!(index.last_lsn(), lsn);
+    drop(index);
+    storage.crash();
+    let reopened = DurableIndex::open("/db", sim_options(&storage)).unwrap();
+    assert_eq!(state(reopened.index()), model);
+    reopened.index().check_invariants().unwrap();
+}
