@@ -232,6 +232,42 @@ impl Index {
         self.slot_of(key).is_some()
     }
 
+    /// The keys of the live entries, in slot order (not sorted), e.g. to
+    /// export the index or reconcile it with a source of truth.
+    ///
+    /// With writers running, this is a scan, not a snapshot: a key present
+    /// for the whole call is listed exactly once (an in-place update keeps
+    /// its slot), a key absent for the whole call is not listed, and a key
+    /// inserted or removed during the call may or may not be (one removed
+    /// and inserted again may be listed twice).
+    ///
+    /// ```
+    /// let index = nann::Index::new(nann::IndexParams::new(1, nann::Metric::L2))?;
+    /// for key in [30, 10, 20] {
+    ///     index.insert(key, &[key as f32])?;
+    /// }
+    /// index.remove(10)?;
+    /// let mut keys = index.keys();
+    /// keys.sort_unstable();
+    /// assert_eq!(keys, [20, 30]);
+    /// # Ok::<(), nann::Error>(())
+    /// ```
+    pub fn keys(&self) -> Vec<u64> {
+        // Pinned: a cell retired and recycled while its key is read would
+        // name another entry's key.
+        let _guard = self.pin();
+        // Relaxed: `next_slot` only bounds the scan (a slot handed out but
+        // not yet published has no cell and is skipped); each slot's cell
+        // word is loaded with Acquire before its key is read (`live_key`).
+        let slots = self
+            .next_slot
+            .load(Ordering::Relaxed)
+            .min(u32::MAX as usize) as u32;
+        let mut keys = Vec::with_capacity(self.len());
+        keys.extend((0..slots).filter_map(|slot| self.live_key(slot)));
+        keys
+    }
+
     /// A copy of `key`'s vector (normalised, for the cosine metric).
     ///
     /// ```

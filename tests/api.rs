@@ -350,3 +350,44 @@ fn upsert_normalises_cosine_vectors_on_both_paths() {
     index.upsert(1, &[0.0, 2.0]).unwrap();
     assert_eq!(index.get(1).unwrap(), [0.0, 1.0]);
 }
+
+#[test]
+fn keys_lists_exactly_the_live_entries_through_reuse_compaction_and_reopen() {
+    let index = Index::new(params(3)).unwrap();
+    let mut model = std::collections::BTreeSet::new();
+    for key in 0..300u64 {
+        index.insert(key * 7, &[key as f32, 1.0, 2.0]).unwrap();
+        model.insert(key * 7);
+    }
+    for key in (0..300u64).step_by(3) {
+        index.remove(key * 7).unwrap();
+        model.remove(&(key * 7));
+    }
+    // Reused slots, in-place updates.
+    for key in 100_000..100_050u64 {
+        index.insert(key, &[1.0, key as f32, 0.0]).unwrap();
+        model.insert(key);
+    }
+    index.update(7, &[9.0, 9.0, 9.0]).unwrap();
+    let sorted = |mut keys: Vec<u64>| {
+        keys.sort_unstable();
+        keys
+    };
+    let expected: Vec<u64> = model.iter().copied().collect();
+    assert_eq!(sorted(index.keys()), expected);
+    assert_eq!(index.keys().len(), index.len());
+    index.compact();
+    assert_eq!(sorted(index.keys()), expected);
+    // An opened index, with and without its key map filled.
+    let bytes = {
+        let path = std::env::temp_dir().join(format!("nann-keys-{}.nann", std::process::id()));
+        index.save(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let opened = Index::open(&path).unwrap();
+        assert_eq!(sorted(opened.keys()), expected);
+        std::fs::remove_file(&path).unwrap();
+        bytes
+    };
+    assert_eq!(sorted(Index::from_bytes(&bytes).unwrap().keys()), expected);
+    assert!(Index::new(params(3)).unwrap().keys().is_empty());
+}

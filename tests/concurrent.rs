@@ -276,3 +276,51 @@ fn concurrent_upserts_and_removes_of_two_keys_never_fail() {
     assert!(index.len() <= 2);
     index.check_invariants().unwrap();
 }
+
+#[test]
+fn keys_lists_the_stable_entries_exactly_once_while_others_churn() {
+    // Keys 0..200 stay present (their vectors are updated in place all
+    // the time); keys from 1000 on are inserted and removed. Every scan
+    // must list each stable key exactly once and nothing but keys that
+    // exist at some point.
+    let index = Arc::new(Index::new(IndexParams::new(DIM, Metric::L2).m(8)).unwrap());
+    for key in 0..200u64 {
+        index.insert(key, &vector(key, 0)).unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (index, stop) = (Arc::clone(&index), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let churn = 1000 + t * 100_000 + i % 300;
+                    let _ = index.upsert(churn, &vector(churn, i));
+                    if i.is_multiple_of(2) {
+                        let _ = index.remove(1000 + t * 100_000 + (i * 7) % 300);
+                    }
+                    index.update(i % 200, &vector(i % 200, i)).unwrap();
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_millis(700);
+    let mut scans = 0;
+    while Instant::now() < deadline {
+        let keys = index.keys();
+        let mut stable: Vec<u64> = keys.iter().copied().filter(|&k| k < 200).collect();
+        stable.sort_unstable();
+        assert_eq!(stable, (0..200).collect::<Vec<u64>>(), "scan {scans}");
+        assert!(keys
+            .iter()
+            .all(|&k| k < 200 || (1000..1000 + 100_300).contains(&k)));
+        scans += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(scans > 10);
+    index.check_invariants().unwrap();
+}
