@@ -22,11 +22,12 @@ declare -A MODEL=(
   [early_promotion]=l4_promotion_against_search
   [reverse_links_first]=l5_insert_against_search
   [seed_not_rescored]=l7_slot_reuse_against_search
+  [upsert_checks_unlocked]=l8_upsert_against_upsert_of_the_same_key
 )
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(unlock_relaxed no_writer_fence no_validate_fence writer_ignores_readers writers_share
   retire_frees_at_once update_key_after_publish early_promotion reverse_links_first
-  remove_skips_op_lock seed_not_rescored)
+  remove_skips_op_lock seed_not_rescored upsert_checks_unlocked)
 
 survivors=0
 for name in "${names[@]}"; do

@@ -131,9 +131,14 @@ impl Index {
 
     fn upsert_inner(&self, key: u64, vector: &[f32], payload: Option<&[u8]>) -> Result<Upserted> {
         let vector = self.prepare(vector)?;
+        // The key is looked up under its op lock, so no writer of it comes
+        // between the lookup and the write. The seeded mutant
+        // `upsert_checks_unlocked` (loom builds) looks it up before taking
+        // the lock; model L8 must catch it (two upserts both inserting).
+        let early = crate::sync::mutant("upsert_checks_unlocked").then(|| self.slot_of(key));
         let _op = self.op_lock(key).lock();
         let _gate = self.writer_gate.read();
-        match self.slot_of(key) {
+        match early.unwrap_or_else(|| self.slot_of(key)) {
             Some(slot) => {
                 self.update_locked(key, slot, &vector, payload)?;
                 Ok(Upserted::Updated)

@@ -428,6 +428,36 @@ fn l6_remove_against_update_of_the_same_key() {
     );
 }
 
+/// L8: two upserts of the same absent key. Exactly one inserts and the
+/// other updates, in either order; the key ends with one of the two
+/// vectors and the index holds one more entry. An upsert that looks the
+/// key up before taking the key's op lock (mutant
+/// `upsert_checks_unlocked`) lets both see the key absent and both insert.
+#[test]
+fn l8_upsert_against_upsert_of_the_same_key() {
+    model_pair(
+        &RUNS,
+        small_index,
+        |index| {
+            index.upsert(7, &[7.0, 0.0]).unwrap();
+        },
+        |index| index.upsert(7, &[8.0, 0.0]),
+        |index, second| {
+            let second = second.unwrap();
+            let first_inserted = index.len() == 4 && second == nann::Upserted::Updated;
+            let second_inserted = index.len() == 4 && second == nann::Upserted::Inserted;
+            assert!(
+                first_inserted || second_inserted,
+                "len {} after two upserts of one new key, the second {second:?}",
+                index.len()
+            );
+            let v = index.get(7).unwrap();
+            assert!(v == [7.0, 0.0] || v == [8.0, 0.0], "{v:?}");
+            index.check_invariants().unwrap();
+        },
+    );
+}
+
 /// L2: epoch publish and retire, on the vector arena alone (bound 2). A
 /// writer publishes two new generations of one entry's cell, retiring each
 /// replaced cell; a reader pinned across its load and read must see the
