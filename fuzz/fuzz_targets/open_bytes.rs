@@ -12,6 +12,8 @@ fuzz_target!(|data: &[u8]| {
             .check_invariants()
             .expect("an index that opened must pass its invariants");
         let probe = vec![0.25f32; index.dim()];
-        index.search(&probe, 5, 32).expect("search on an opened index");
+        index
+            .search(&probe, 5, 32)
+            .expect("search on an opened index");
     }
 });

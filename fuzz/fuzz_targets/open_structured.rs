@@ -20,35 +20,42 @@ mod forge;
 fn bases() -> &'static [Vec<u8>] {
     static BASES: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
     BASES.get_or_init(|| {
-        [(Metric::L2, 4usize), (Metric::InnerProduct, 6), (Metric::Cosine, 2)]
-            .into_iter()
-            .enumerate()
-            .map(|(i, (metric, m))| {
-                let dim = 4;
-                let index = Index::new(IndexParams::new(dim, metric).m(m).seed(i as u64)).unwrap();
-                for key in 0..120u64 {
-                    let x = key as f32 * 0.37 + i as f32;
-                    index
-                        .insert(key, &[x.sin(), x.cos(), (x * 0.5).sin(), 0.25 + (x * 0.1).cos()])
-                        .unwrap();
+        [
+            (Metric::L2, 4usize),
+            (Metric::InnerProduct, 6),
+            (Metric::Cosine, 2),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (metric, m))| {
+            let dim = 4;
+            let index = Index::new(IndexParams::new(dim, metric).m(m).seed(i as u64)).unwrap();
+            for key in 0..120u64 {
+                let x = key as f32 * 0.37 + i as f32;
+                index
+                    .insert(
+                        key,
+                        &[x.sin(), x.cos(), (x * 0.5).sin(), 0.25 + (x * 0.1).cos()],
+                    )
+                    .unwrap();
+            }
+            for key in (0..120u64).step_by(7) {
+                index.remove(key).unwrap();
+            }
+            for key in (1..120u64).step_by(5) {
+                if index.contains(key) {
+                    let x = key as f32 * 0.11;
+                    index.update(key, &[x.cos(), x.sin(), 0.5, -0.5]).unwrap();
                 }
-                for key in (0..120u64).step_by(7) {
-                    index.remove(key).unwrap();
-                }
-                for key in (1..120u64).step_by(5) {
-                    if index.contains(key) {
-                        let x = key as f32 * 0.11;
-                        index.update(key, &[x.cos(), x.sin(), 0.5, -0.5]).unwrap();
-                    }
-                }
-                let path = std::env::temp_dir()
-                    .join(format!("nann-fuzz-{}-{i}.nann", std::process::id()));
-                index.save(&path).unwrap();
-                let bytes = std::fs::read(&path).unwrap();
-                let _ = std::fs::remove_file(&path);
-                bytes
-            })
-            .collect()
+            }
+            let path =
+                std::env::temp_dir().join(format!("nann-fuzz-{}-{i}.nann", std::process::id()));
+            index.save(&path).unwrap();
+            let bytes = std::fs::read(&path).unwrap();
+            let _ = std::fs::remove_file(&path);
+            bytes
+        })
+        .collect()
     })
 }
 
@@ -71,6 +78,8 @@ fuzz_target!(|data: &[u8]| {
             .check_invariants()
             .expect("an index that opened must pass its invariants");
         let probe = vec![0.25f32; index.dim()];
-        index.search(&probe, 5, 32).expect("search on an opened index");
+        index
+            .search(&probe, 5, 32)
+            .expect("search on an opened index");
     }
 });
