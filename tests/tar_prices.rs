@@ -5,6 +5,7 @@
 //! by one; the model bins them (log-spaced, 600 bins over 6 decades, so a
 //! bin's upper edge is at most 2.33% above any cost per value in it). PVs
 //! are placed in distinct bins so the two must agree up to that edge.
+#![cfg(feature = "tar")]
 
 use std::sync::Arc;
 
