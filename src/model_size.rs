@@ -31,6 +31,17 @@ pub(crate) fn checked_parameter_count<'a>(
     (total <= MAX_MODEL_PARAMETERS).then_some(total)
 }
 
+/// The weights in tensors of these `(name, shape)`s, or the message a
+/// configuration's `validate` reports when they are too many.
+pub(crate) fn check_model_size(shapes: &[(String, Vec<usize>)]) -> Result<usize, String> {
+    checked_parameter_count(shapes.iter().map(|(_, shape)| shape.as_slice())).ok_or_else(|| {
+        format!(
+            "the dimensions ask for more than {MAX_MODEL_PARAMETERS} weights \
+             (nann::MAX_MODEL_PARAMETERS)"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

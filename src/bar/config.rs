@@ -150,18 +150,8 @@ impl BarConfig {
                 ));
             }
         }
-        let shapes = super::model::tensor_shapes(self)?;
-        if crate::model_size::checked_parameter_count(shapes.iter().map(|(_, s)| s.as_slice()))
-            .is_none()
-        {
-            return Err(config_error(
-                "dimensions",
-                format!(
-                    "the dimensions ask for more than {} weights (nann::MAX_MODEL_PARAMETERS)",
-                    crate::model_size::MAX_MODEL_PARAMETERS
-                ),
-            ));
-        }
+        crate::model_size::check_model_size(&super::model::tensor_shapes(self)?)
+            .map_err(|message| config_error("dimensions", message))?;
         Ok(())
     }
 

@@ -101,17 +101,8 @@ impl DtConfig {
                 format!("{} is not in 1..=100000", self.max_steps),
             );
         }
-        let shapes = self.tensor_shapes();
-        if crate::model_size::checked_parameter_count(shapes.iter().map(|(_, s)| s.as_slice()))
-            .is_none()
-        {
-            return bad(
-                "d_model",
-                format!(
-                    "the dimensions ask for more than {} weights (nann::MAX_MODEL_PARAMETERS)",
-                    crate::model_size::MAX_MODEL_PARAMETERS
-                ),
-            );
+        if let Err(message) = crate::model_size::check_model_size(&self.tensor_shapes()) {
+            return bad("d_model", message);
         }
         Ok(())
     }
