@@ -826,6 +826,21 @@ fn main() -> Result<(), Box<dyn Error>> {
                     mean_of(best)
                 );
             }
+            // Paired comparison of each ablation with TAR (the issue's
+            // claim: the ablations score lower).
+            for ablation in ["tar_k1", "tar_no_vq"] {
+                let found = all.iter().find(|(n, _)| n == ablation);
+                if let (Some((_, scores)), Some((_, tar))) = (found, tar) {
+                    let diff: Vec<f64> = scores.iter().zip(tar).map(|(a, b)| a - b).collect();
+                    let (d, ci) = mean_ci95(&diff);
+                    eprintln!(
+                        "[{}] ratio {ratio}: {ablation} - tar = {d:+.2} ± {ci:.2} ({:+.1}% of {:.2})",
+                        preset.name(),
+                        100.0 * d / mean_of(tar).max(1e-9),
+                        mean_of(tar)
+                    );
+                }
+            }
         }
         if preset == args.presets[0] {
             for (name, make) in &factories {
