@@ -809,36 +809,34 @@ fn main() -> Result<(), Box<dyn Error>> {
                 }
                 all.push((name.clone(), scores));
             }
-            // Paired comparison of TAR with the best baseline.
+            // Paired comparisons on the same cells: TAR with the best
+            // baseline, and each ablation with TAR (the claim: the
+            // ablations score lower).
             let mean_of = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+            let paired = |a_name: &str, a: &[f64], b_name: &str, b: &[f64]| {
+                let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+                let (d, ci) = mean_ci95(&diff);
+                eprintln!(
+                    "[{}] ratio {ratio}: {a_name} - {b_name} = {d:+.2} ± {ci:.2} ({:+.1}% of {:.2})",
+                    preset.name(),
+                    100.0 * d / mean_of(b).max(1e-9),
+                    mean_of(b)
+                );
+            };
             let best = all
                 .iter()
                 .filter(|(n, _)| ["pid", "onlinelp", "history_lp", "dt"].contains(&n.as_str()))
                 .max_by(|a, b| mean_of(&a.1).total_cmp(&mean_of(&b.1)));
             let tar = all.iter().find(|(n, _)| n == "tar");
             if let (Some((best_name, best)), Some((_, tar))) = (best, tar) {
-                let diff: Vec<f64> = tar.iter().zip(best).map(|(a, b)| a - b).collect();
-                let (d, ci) = mean_ci95(&diff);
-                eprintln!(
-                    "[{}] ratio {ratio}: tar - {best_name} = {d:+.2} ± {ci:.2} ({:+.1}% of {:.2})",
-                    preset.name(),
-                    100.0 * d / mean_of(best).max(1e-9),
-                    mean_of(best)
-                );
+                paired("tar", tar, best_name, best);
             }
-            // Paired comparison of each ablation with TAR (the issue's
-            // claim: the ablations score lower).
-            for ablation in ["tar_k1", "tar_no_vq"] {
-                let found = all.iter().find(|(n, _)| n == ablation);
-                if let (Some((_, scores)), Some((_, tar))) = (found, tar) {
-                    let diff: Vec<f64> = scores.iter().zip(tar).map(|(a, b)| a - b).collect();
-                    let (d, ci) = mean_ci95(&diff);
-                    eprintln!(
-                        "[{}] ratio {ratio}: {ablation} - tar = {d:+.2} ± {ci:.2} ({:+.1}% of {:.2})",
-                        preset.name(),
-                        100.0 * d / mean_of(tar).max(1e-9),
-                        mean_of(tar)
-                    );
+            for (name, scores) in all
+                .iter()
+                .filter(|(n, _)| n == "tar_k1" || n == "tar_no_vq")
+            {
+                if let Some((_, tar)) = tar {
+                    paired(name, scores, "tar", tar);
                 }
             }
         }
