@@ -428,12 +428,28 @@ impl DurableIndex {
         op: LogOpRef<'_>,
         apply: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
+        self.logged_with(key, || validate().map(|()| (op, ())), |()| apply())
+    }
+
+    /// The one sequence every logged write runs: under the gate (shared)
+    /// and `key`'s stripe, `decide` validates and names the record to log
+    /// (and what `apply` needs), the record is logged and made durable,
+    /// then `apply` applies it. Every logged writer of `key` holds the
+    /// stripe from `decide` to `apply`, so what `decide` saw of the key
+    /// (present or not) still holds when it is applied.
+    fn logged_with<'a, T>(
+        &self,
+        key: u64,
+        decide: impl FnOnce() -> Result<(LogOpRef<'a>, T)>,
+        apply: impl FnOnce(&T) -> Result<()>,
+    ) -> Result<T> {
         let _gate = self.gate.read();
         let _stripe = self.stripe(key).lock();
-        validate()?;
+        let (op, decided) = decide()?;
         let lsn = self.log.append(op)?;
         self.log.wait_durable(lsn)?;
-        apply()
+        apply(&decided)?;
+        Ok(decided)
     }
 
     /// [`Index::upsert`], durable when it returns: logged as the insert or
@@ -469,30 +485,29 @@ impl DurableIndex {
     }
 
     fn upsert_inner(&self, key: u64, vector: &[f32], payload: Option<&[u8]>) -> Result<Upserted> {
-        let _gate = self.gate.read();
-        // Every logged writer of `key` holds this stripe from validation to
-        // apply, so whether the key is present cannot change before ours
-        // is applied.
-        let _stripe = self.stripe(key).lock();
-        if let Some(p) = payload {
-            self.index.check_payload(p)?;
-        }
-        self.index.prepare(vector)?;
-        let present = self.index.contains(key);
-        let op = match (present, payload) {
-            (false, None) => LogOpRef::Insert(key, vector),
-            (false, Some(p)) => LogOpRef::InsertWithPayload(key, vector, p),
-            (true, None) => LogOpRef::Update(key, vector),
-            (true, Some(p)) => LogOpRef::UpdateWithPayload(key, vector, p),
-        };
-        let lsn = self.log.append(op)?;
-        self.log.wait_durable(lsn)?;
-        match (present, payload) {
-            (false, None) => self.index.insert(key, vector)?,
-            (false, Some(p)) => self.index.insert_with_payload(key, vector, p)?,
-            (true, None) => self.index.update(key, vector)?,
-            (true, Some(p)) => self.index.update_with_payload(key, vector, p)?,
-        }
+        let present = self.logged_with(
+            key,
+            || {
+                if let Some(p) = payload {
+                    self.index.check_payload(p)?;
+                }
+                self.index.prepare(vector)?;
+                let present = self.index.contains(key);
+                let op = match (present, payload) {
+                    (false, None) => LogOpRef::Insert(key, vector),
+                    (false, Some(p)) => LogOpRef::InsertWithPayload(key, vector, p),
+                    (true, None) => LogOpRef::Update(key, vector),
+                    (true, Some(p)) => LogOpRef::UpdateWithPayload(key, vector, p),
+                };
+                Ok((op, present))
+            },
+            |&present| match (present, payload) {
+                (false, None) => self.index.insert(key, vector),
+                (false, Some(p)) => self.index.insert_with_payload(key, vector, p),
+                (true, None) => self.index.update(key, vector),
+                (true, Some(p)) => self.index.update_with_payload(key, vector, p),
+            },
+        )?;
         Ok(if present {
             Upserted::Updated
         } else {
